@@ -1,0 +1,248 @@
+"""Reading images from files into ``Volume``: NIfTI, NRRD, MHA, DICOM, PNG/JPEG/TIFF.
+
+Each format goes through the library that owns it (nibabel for NIfTI's RAS affine,
+pynrrd for NRRD's space fields, SimpleITK for ITK formats, DICOM series and 2D images),
+and every error names the file and what is wrong with it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..volume import Volume, from_nibabel, from_nrrd, from_sitk, validate
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+ITK_SUFFIXES = (".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+READABLE = NIFTI_SUFFIXES + NRRD_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES + IMAGE_2D_SUFFIXES
+
+#: DICOM tags copied into ``Volume.meta`` (used to guess modality and site, and for DICOM SEG).
+DICOM_TAGS = {
+    "0008|0060": "modality", "0018|0015": "body_part", "0008|103e": "series_description",
+    "0020|000e": "series_uid", "0020|000d": "study_uid", "0008|0016": "sop_class_uid",
+}
+
+
+def suffix_of(path: str | os.PathLike) -> str:
+    name = str(path).lower()
+    for double in (".nii.gz", ".seg.nrrd"):
+        if name.endswith(double):
+            return double
+    return Path(name).suffix
+
+
+def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volume:
+    """Read an image file or DICOM folder as a Volume in RAS.
+
+    A folder is read as a DICOM series; when it holds several, ``series_uid`` picks one
+    (otherwise the error lists them).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"'{p}' does not exist.")
+    if p.is_dir():
+        return read_dicom_series(p, series_uid)
+    suffix = suffix_of(p)
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            volume = _read_nifti(p)
+        elif suffix in NRRD_SUFFIXES or suffix == ".seg.nrrd":
+            volume = _read_nrrd(p)
+        elif suffix in ITK_SUFFIXES:
+            volume = _read_with_sitk(p)
+        elif suffix in DICOM_SUFFIXES:
+            volume = _read_dicom_file(p)
+        elif suffix in IMAGE_2D_SUFFIXES:
+            volume = _read_2d_image(p)
+        elif _looks_like_dicom(p):
+            volume = _read_dicom_file(p)
+        else:
+            raise InputError(f"'{p}': '{suffix or p.name}' is not a format BiomedSeg reads. "
+                             f"Use one of {', '.join(READABLE)} or a DICOM folder.")
+    except InputError as err:
+        if str(p) in err.message:
+            raise
+        raise InputError(f"'{p}': {err.message}", hint=err.hint) from None
+    volume.meta.setdefault("source", str(p))
+    if not volume.name:
+        volume.name = _stem(p)
+    return volume
+
+
+def _stem(p: Path) -> str:
+    name = p.name
+    for s in (".nii.gz", ".seg.nrrd") + READABLE:
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def _read_nifti(p: Path) -> Volume:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:  # nibabel raises many types for corrupt headers
+        raise InputError(f"'{p}' is not a readable NIfTI file ({exc}).") from None
+    pixdim = np.asarray(img.header["pixdim"][1:4], dtype=np.float64)
+    n_spatial = min(3, len(img.shape))
+    if np.any(pixdim[:n_spatial] <= 0) and int(img.header["sform_code"]) == 0:
+        raise InputError(f"'{p}': voxel spacing must be positive, the header gives "
+                         f"{pixdim[:n_spatial].tolist()}.")
+    if len(img.shape) < 3:
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj).reshape(img.shape + (1,) * (3 - len(img.shape))),
+                              img.affine, img.header)
+    return from_nibabel(img, name=_stem(p), meta={"source": str(p), "file_space": "RAS"})
+
+
+def _read_nrrd(p: Path) -> Volume:
+    import nrrd
+
+    try:
+        data, header = nrrd.read(str(p), index_order="F")
+    except Exception as exc:
+        raise InputError(f"'{p}' is not a readable NRRD file ({exc}).") from None
+    if "space directions" not in header and "spacings" in header:
+        spacings = np.asarray(header["spacings"], dtype=np.float64)
+        if np.any(~np.isfinite(spacings[:3])) or np.any(spacings[:3] <= 0):
+            raise InputError(f"'{p}': voxel spacing must be positive, the header gives {spacings.tolist()}.")
+        header = dict(header)
+        header["space directions"] = np.diag(spacings)
+        header.setdefault("space", "left-posterior-superior")
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    file_space = "RAS" if space in ("ras", "right-anterior-superior") else "LPS"
+    return from_nrrd(data, header, name=_stem(p), meta={"source": str(p), "file_space": file_space})
+
+
+def _sitk_read(p: Path):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"'{p}' cannot be read ({_first_line(exc)}).") from None
+    _check_sitk_geometry(p, reader.GetSpacing(), reader.GetDimension(), reader.GetSize(),
+                         reader.GetPixelIDValue())
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"'{p}' cannot be read ({_first_line(exc)}).") from None
+    tags = {}
+    for key, name in DICOM_TAGS.items():
+        if reader.HasMetaDataKey(key):
+            tags[name] = reader.GetMetaData(key).strip()
+    return image, tags
+
+
+def _check_sitk_geometry(p, spacing, dim, size, pixel_id):
+    import SimpleITK as sitk
+
+    if any(s <= 0 for s in spacing):
+        raise InputError(f"'{p}': voxel spacing must be positive, the header gives {list(spacing)}.")
+    if dim == 4 and size[3] > 1:
+        raise InputError(f"'{p}': 4D images (size {list(size)}) are not supported; extract one time point first.")
+    complex_ids = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
+    if pixel_id in complex_ids:
+        raise InputError(f"'{p}': complex-valued voxels are not supported; save magnitude "
+                         "(or real/imaginary parts) as a real image first.")
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # ITK messages end with the useful sentence.
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _read_with_sitk(p: Path, extra_meta: dict | None = None) -> Volume:
+    image, tags = _sitk_read(p)
+    if image.GetDimension() == 4:  # 4D with a single time point
+        import SimpleITK as sitk
+
+        size = list(image.GetSize())
+        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
+    meta = {"source": str(p), "file_space": "LPS", **tags, **(extra_meta or {})}
+    return from_sitk(image, name=_stem(p), meta=meta)
+
+
+def _read_2d_image(p: Path) -> Volume:
+    """PNG/JPEG/TIFF: a one-slice volume, 1 mm pixels, shown as stored (LPS identity)."""
+    volume = _read_with_sitk(p, {"image_kind": "2d"})
+    return volume
+
+
+def _looks_like_dicom(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _read_dicom_file(p: Path) -> Volume:
+    volume = _read_with_sitk(p)
+    volume.meta["dicom_files"] = [str(p)]
+    return volume
+
+
+def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
+    """The DICOM series in a folder: UID, number of files, description."""
+    import SimpleITK as sitk
+
+    series = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        desc = ""
+        try:
+            r = sitk.ImageFileReader()
+            r.SetFileName(files[0])
+            r.ReadImageInformation()
+            desc = r.GetMetaData("0008|103e").strip() if r.HasMetaDataKey("0008|103e") else ""
+        except RuntimeError:
+            pass
+        series.append({"uid": uid, "files": len(files), "description": desc})
+    return series
+
+
+def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> Volume:
+    """Read one DICOM series from a folder (sorted by patient position by GDCM)."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    series = list_dicom_series(folder)
+    if not series:
+        raise InputError(f"'{folder}' holds no readable DICOM series.")
+    if series_uid is None:
+        if len(series) > 1:
+            listing = "; ".join(f"{s['uid']} ({s['files']} files{', ' + s['description'] if s['description'] else ''})"
+                                for s in series)
+            raise InputError(f"'{folder}' holds {len(series)} DICOM series; choose one by UID: {listing}.")
+        series_uid = series[0]["uid"]
+    elif series_uid not in {s["uid"] for s in series}:
+        raise InputError(f"'{folder}' has no DICOM series with UID {series_uid}; it has "
+                         f"{', '.join(s['uid'] for s in series)}.")
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"'{folder}': DICOM series {series_uid} cannot be read ({_first_line(exc)}).") from None
+    if any(s <= 0 for s in image.GetSpacing()):
+        raise InputError(f"'{folder}': voxel spacing must be positive, got {list(image.GetSpacing())}.")
+    tags = {}
+    for key, name in DICOM_TAGS.items():
+        if reader.HasMetaDataKey(0, key):
+            tags[name] = reader.GetMetaData(0, key).strip()
+    meta = {"source": str(folder), "file_space": "LPS", "dicom_files": files, **tags}
+    volume = from_sitk(image, name=tags.get("series_description") or folder.name, meta=meta)
+    validate(volume, str(folder))
+    return volume
