@@ -57,8 +57,9 @@ def _atomic_target(path: Path) -> Path:
 def reference_geometry_string(reference: Volume) -> str:
     """Slicer's 'Reference image geometry' conversion parameter: IJK-to-RAS row-major + extent."""
     m = reference.ijk_to_ras
-    values = ";".join(repr(float(v)).rstrip("0").rstrip(".") if float(v) != int(v) else str(int(v))
-                      for v in m.ravel())
+    # repr() is the shortest exact form ('0.5', '1e-10'); integers are written without '.0'.
+    # (Stripping trailing zeros from repr would turn '1e-10' into '1e-1'.)
+    values = ";".join(str(int(v)) if float(v) == int(v) else repr(float(v)) for v in m.ravel())
     k, j, i = reference.shape
     return f"{values};0;{i - 1};0;{j - 1};0;{k - 1};"
 

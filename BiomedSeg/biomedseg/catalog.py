@@ -1,0 +1,99 @@
+"""The model catalogue: which models exist, what they take, where their weights come from.
+
+The data lives in ``resources/models.json`` (checked against ``models.schema.json``) so
+the panel, the CLI and the worker agree on one list. Nothing here imports torch or model
+code; the state of a model on this machine is found by looking, not by loading.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from .errors import InputError
+from .weights import weights_state
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    data: dict
+
+    def __getattr__(self, key):
+        try:
+            return self.data[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    @property
+    def weights(self) -> dict:
+        return self.data["weights"]
+
+    def targets(self, modality: str | None = None, site: str | None = None) -> list[str]:
+        """Recommended prompts, for one modality/site or all of them (sorted, unique)."""
+        table = self.data.get("targets")
+        if table is None and self.data.get("targets_file"):
+            table = json.loads(_resource_text(self.data["targets_file"]))["targets"]
+        table = table or {}
+        names = set()
+        for mod, sites in table.items():
+            if modality and mod.lower() != modality.lower():
+                continue
+            for s, targets in sites.items():
+                if site and s.lower() != site.lower():
+                    continue
+                names.update(targets)
+        return sorted(names)
+
+    def missing_requirements(self) -> list[str]:
+        return [name for name in self.data["requires"] if importlib.util.find_spec(name) is None]
+
+    def state(self) -> dict:
+        """Whether this model can run here, and if not, what is missing (for CLI and panel)."""
+        if not self.data.get("backend"):
+            return {"ready": False, "state": "not available in this version",
+                    "detail": "the backend for this model is not part of this release yet"}
+        missing = self.missing_requirements()
+        if missing:
+            return {"ready": False, "state": "dependencies missing",
+                    "detail": f"install {', '.join(missing)} in the worker's Python environment"}
+        weights = weights_state(self.data["weights"])
+        if not weights["present"]:
+            return {"ready": False, "state": "weights to download" if self.weights["source"] == "hub"
+                    else "weights missing", "detail": weights["detail"]}
+        return {"ready": True, "state": "ready", "detail": weights["detail"]}
+
+
+def _resource_text(name: str) -> str:
+    return resources.files("biomedseg.resources").joinpath(name).read_text()
+
+
+@lru_cache(maxsize=1)
+def load_catalog() -> tuple[ModelEntry, ...]:
+    data = json.loads(_resource_text("models.json"))
+    validate_catalog(data)
+    return tuple(ModelEntry(m) for m in data["models"])
+
+
+def validate_catalog(data: dict) -> None:
+    """Check catalogue data against its JSON schema (and that ids are unique)."""
+    import jsonschema
+
+    schema = json.loads(_resource_text("models.schema.json"))
+    jsonschema.validate(data, schema)
+    ids = [m["id"] for m in data["models"]]
+    if len(ids) != len(set(ids)):
+        raise ValueError(f"duplicate model ids in catalogue: {ids}")
+
+
+def get_model(model_id: str) -> ModelEntry:
+    for entry in load_catalog():
+        if entry.id == model_id:
+            return entry
+    known = ", ".join(e.id for e in load_catalog())
+    raise InputError(f"Unknown model '{model_id}'. Known models: {known} (see `biomedseg models`).")
+
+
+def default_model_id() -> str:
+    return "deepbet"

@@ -1,0 +1,230 @@
+"""Command line: `biomedseg models | segment | doctor`.
+
+Errors print one sentence and what to do, with an exit code by kind (2 bad input,
+3 weights or dependencies missing, 4 out of memory, 5 cancelled, 1 anything else).
+Outputs are never half-written and an existing output is not replaced without --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import BiomedSegError, InputError
+
+EXIT_CODES = {"bad_input": 2, "weights_missing": 3, "dependency_missing": 3, "out_of_memory": 4, "cancelled": 5}
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def cmd_models(args) -> int:
+    from .catalog import load_catalog
+
+    entries = []
+    for e in load_catalog():
+        w = e.weights
+        entries.append({
+            "id": e.id, "version": e.version, "family": e.family, "title": e.title, "task": e.task,
+            "input": e.input, "prompt_kind": e.prompt_kind, "modalities": e.modalities,
+            "targets": e.targets(), "weights": w, **{f"state_{k}": v for k, v in e.state().items()},
+        })
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    rows = [[m["id"], m["input"].upper(), m["prompt_kind"], ",".join(m["modalities"][:3])
+             + ("…" if len(m["modalities"]) > 3 else ""), m["weights"]["license"].split(" ")[0]
+             + (" (gated)" if m["weights"]["gated"] else ""), m["state_state"]] for m in entries]
+    _print_table(rows, ["model", "input", "prompt", "modalities", "licence", "state on this machine"])
+    print()
+    for m in entries:
+        targets = ", ".join(m["targets"][:10]) + (f", … ({len(m['targets'])} in all)" if len(m["targets"]) > 10 else "")
+        print(f"{m['id']}: {m['task']}")
+        if targets:
+            print(f"    prompts: {targets}")
+        if not m["state_ready"]:
+            print(f"    to use it: {m['state_detail']}")
+    return 0
+
+
+class _ProgressBar:
+    """tqdm bar fed by the engine's progress(stage, done, total) callbacks."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar.total != total:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=total, unit="step", file=sys.stderr, leave=False,
+                            bar_format="{desc:<20} {bar} {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+        self.bar.set_description_str(stage)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_segment(args) -> int:
+    from .io import read_volume, write_segmentation
+    from .io.writers import SEGMENTATION_SUFFIXES
+    from .io.readers import suffix_of
+    from .inference.runner import check_prompts, segment
+
+    output = Path(args.output)
+    if suffix_of(output) not in SEGMENTATION_SUFFIXES:
+        raise InputError(f"Output '{output}' must end in one of {', '.join(SEGMENTATION_SUFFIXES)}.")
+    for target in filter(None, [output, args.preview and Path(args.preview)]):
+        if target.exists() and not args.overwrite:
+            raise InputError(f"'{target}' already exists.", hint="Choose another name or pass --overwrite.")
+    prompts = check_prompts(args.model, args.prompt or [])
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    started = time.perf_counter()
+    volume = read_volume(args.input, series_uid=args.series_uid)
+    log(f"read {volume}")
+    bar = _ProgressBar(enabled=not args.quiet)
+    try:
+        result = segment(volume, args.model, prompts, device=args.device, threshold=args.threshold,
+                         keep_largest=args.largest, fill_holes=args.fill_holes, weights=args.weights,
+                         progress=bar)
+    finally:
+        bar.close()
+    log(f"{args.model} ran on {result.device_reason} in {result.seconds:.1f} s")
+    for name in result.absent:
+        log(f"not found: '{name}' (no voxel above threshold {args.threshold}); no segment written for it")
+    if not result.segments:
+        print(f"error: nothing was found for {', '.join(map(repr, result.absent))}; no file written.",
+              file=sys.stderr)
+        return 1
+    written = write_segmentation(output, volume, result.segments)
+    if args.preview:
+        from .preview import render_preview
+
+        written.append(render_preview(args.preview, volume, result.segments,
+                                      title=f"{volume.name} - {args.model}"))
+    for seg in result.segments:
+        log(f"segment '{seg.name}': {int(seg.mask.sum())} voxels")
+    for path in written:
+        print(path)
+    log(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def doctor_report() -> dict:
+    import os
+
+    from .catalog import load_catalog
+
+    report = {"biomedseg": __version__, "python": sys.version.split()[0], "executable": sys.executable,
+              "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        report["memory_total_gb"] = round(vm.total / 2**30, 1)
+        report["memory_available_gb"] = round(vm.available / 2**30, 1)
+    except ImportError:
+        report["memory_total_gb"] = None
+    try:
+        import torch
+
+        report["torch"] = torch.__version__
+        report["torch_cuda_build"] = torch.version.cuda
+        report["cuda_devices"] = [
+            {"index": i, "name": torch.cuda.get_device_name(i),
+             "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+            for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        report["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+        from .inference.device import resolve_device
+
+        report["default_device"] = "{} - {}".format(*resolve_device("auto"))
+    except ImportError:
+        report["torch"] = None
+        report["default_device"] = "none: torch is not installed (pip install torch)"
+    report["models"] = {e.id: e.state() for e in load_catalog()}
+    return report
+
+
+def cmd_doctor(args) -> int:
+    report = doctor_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for key, value in report.items():
+        if key in ("models", "cuda_devices"):
+            continue
+        print(f"{key:>20}: {value}")
+    for dev in report.get("cuda_devices") or []:
+        print(f"{'cuda:' + str(dev['index']):>20}: {dev['name']} ({dev['memory_gb']} GB)")
+    print()
+    for model_id, state in report["models"].items():
+        print(f"{model_id:>20}: {state['state']} - {state['detail']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="biomedseg", description="Biomedical foundation-model segmentation.")
+    parser.add_argument("--version", action="version", version=f"biomedseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model catalogue and each model's state here")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("segment", help="segment an image file or DICOM folder")
+    p.add_argument("input", help="NIfTI, NRRD, MHA, DICOM file or folder, PNG/JPEG/TIFF")
+    p.add_argument("--model", default="deepbet", help="model id from `biomedseg models` (default: deepbet)")
+    p.add_argument("--prompt", action="append", help="target to segment; repeat for several")
+    p.add_argument("-o", "--output", required=True, help="output: .seg.nrrd, .nii.gz, .nrrd labelmap or .dcm (DICOM SEG)")
+    p.add_argument("--preview", help="also write a PNG with outlines on three orthogonal slices")
+    p.add_argument("--series-uid", help="DICOM series to read when a folder holds several")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only the largest 3D component (model default when not given)")
+    p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,
+                   help="fill holes inside each segment (model default when not given)")
+    p.add_argument("--weights", help="local weights file or folder instead of the catalogue's source")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the written paths")
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("doctor", help="report Python, torch, devices, memory and model readiness")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BiomedSegError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"  what to do: {err.hint}", file=sys.stderr)
+        return EXIT_CODES.get(err.kind, 1)
+    except KeyboardInterrupt:
+        print("cancelled; nothing was written.", file=sys.stderr)
+        return EXIT_CODES["cancelled"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Running models on volumes: device choice, backend loading and caching, post-processing."""

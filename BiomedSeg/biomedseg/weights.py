@@ -1,0 +1,181 @@
+"""Finding model weights: inside an installed package, in a local file, or on the hub.
+
+Order of search: an explicit local path (file or folder) -> ``$BIOMEDSEG_WEIGHTS_DIR`` ->
+the package that ships them -> the Hugging Face cache -> a download (unless offline).
+Files with a known sha256 are verified once; the result is remembered per (path, size,
+mtime) so a 2 GB checkpoint is not re-hashed on every run. Failures say which file,
+where it was looked for and how to get it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import WeightsMissingError
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BIOMEDSEG_CACHE", Path.home() / ".cache" / "biomedseg"))
+
+
+def offline_mode(offline: bool | None = None) -> bool:
+    if offline is not None:
+        return offline
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+               for v in ("BIOMEDSEG_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _package_file(package: str, rel: str) -> Path | None:
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(dist.locate_file(rel))
+    return path if path.is_file() else None
+
+
+def _from_local(spec: dict, local: Path) -> list[Path] | None:
+    if local.is_file():
+        return [local] if len(spec["files"]) == 1 else None
+    if local.is_dir():
+        paths = [local / Path(f).name for f in spec["files"]]
+        if all(p.is_file() for p in paths):
+            return paths
+        paths = [local / f for f in spec["files"]]
+        if all(p.is_file() for p in paths):
+            return paths
+    return None
+
+
+def _hub_cached(spec: dict) -> list[Path] | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    paths = []
+    for name in spec["files"]:
+        hit = try_to_load_from_cache(spec["repo"], name, revision=spec.get("revision"))
+        if not isinstance(hit, str):
+            return None
+        paths.append(Path(hit))
+    return paths
+
+
+def weights_state(spec: dict, local_path: str | os.PathLike | None = None) -> dict:
+    """Where the weights are on this machine, without downloading or hashing anything."""
+    candidates = []
+    if local_path:
+        candidates.append(Path(local_path))
+    if os.environ.get("BIOMEDSEG_WEIGHTS_DIR"):
+        candidates.append(Path(os.environ["BIOMEDSEG_WEIGHTS_DIR"]))
+    for local in candidates:
+        found = _from_local(spec, local)
+        if found:
+            return {"present": True, "paths": [str(p) for p in found], "detail": f"local file(s) in {local}"}
+    if spec["source"] == "package":
+        found = [_package_file(spec["package"], f) for f in spec["files"]]
+        if all(found):
+            return {"present": True, "paths": [str(p) for p in found],
+                    "detail": f"shipped inside the '{spec['package']}' package"}
+        return {"present": False, "paths": [],
+                "detail": f"install the '{spec['package']}' package (pip install {spec['package']})"}
+    if spec["source"] == "hub":
+        found = _hub_cached(spec)
+        if found:
+            return {"present": True, "paths": [str(p) for p in found], "detail": f"hub cache ({spec['repo']})"}
+        size = spec.get("size_bytes")
+        gated = " (gated: accept the licence on the hub and log in)" if spec.get("gated") else ""
+        return {"present": False, "paths": [],
+                "detail": f"{', '.join(spec['files'])} from {spec['repo']}"
+                          f"{f', {size / 1e9:.1f} GB' if size else ''}{gated}"}
+    return {"present": False, "paths": [],
+            "detail": spec.get("instructions", "pass the weights file with --weights")}
+
+
+def resolve_weights(spec: dict, local_path: str | os.PathLike | None = None, offline: bool | None = None,
+                    token: str | None = None) -> list[Path]:
+    """Paths of the weight files, downloading from the hub when allowed; verified if sha256 is known."""
+    state = weights_state(spec, local_path)
+    if state["present"]:
+        paths = [Path(p) for p in state["paths"]]
+    elif local_path:
+        raise WeightsMissingError(
+            f"Weights {', '.join(spec['files'])} were not found at '{local_path}'.",
+            hint="Pass the checkpoint file itself, or a folder that holds it.")
+    elif spec["source"] == "hub":
+        paths = _download(spec, offline_mode(offline), token)
+    else:
+        looked = [str(p) for p in filter(None, [os.environ.get("BIOMEDSEG_WEIGHTS_DIR")])]
+        raise WeightsMissingError(
+            f"Weights {', '.join(spec['files'])} are not on this machine"
+            f"{' (looked in ' + ', '.join(looked) + ')' if looked else ''}.",
+            hint=state["detail"])
+    if spec.get("sha256") and len(paths) == 1:
+        verify_sha256(paths[0], spec["sha256"])
+    return paths
+
+
+def _download(spec: dict, offline: bool, token: str | None) -> list[Path]:
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        raise WeightsMissingError(
+            f"Weights {', '.join(spec['files'])} must come from the hub ({spec['repo']}), but huggingface_hub "
+            "is not installed.", hint="pip install huggingface_hub, or pass a local file with --weights.") from None
+    paths = []
+    for name in spec["files"]:
+        try:
+            paths.append(Path(hf_hub_download(spec["repo"], name, revision=spec.get("revision"), token=token,
+                                              local_files_only=offline)))
+        except GatedRepoError:
+            raise WeightsMissingError(
+                f"Access to {spec['repo']} was refused: the repository is gated.",
+                hint="Accept its licence on the model page while logged in, then log in here "
+                     "(`hf auth login` or set HF_TOKEN).") from None
+        except RepositoryNotFoundError:
+            raise WeightsMissingError(f"The hub repository {spec['repo']} was not found or needs a token.",
+                                      hint="Log in (`hf auth login` or HF_TOKEN) or pass a local file.") from None
+        except LocalEntryNotFoundError:
+            where = "the hub cache" if offline else f"the hub ({spec['repo']}) or its cache"
+            raise WeightsMissingError(
+                f"Weights {name} of {spec['repo']} are not in {where}"
+                f"{' and offline mode is on' if offline else ' (no connection?)'}.",
+                hint="Download them once while online, or pass a local file with --weights.") from None
+    return paths
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Check a file's sha256 once per (path, size, mtime); raise if it differs."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    record_file = cache_dir() / "verified.json"
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        record = {}
+    if record.get(key) == expected:
+        return
+    actual = sha256_of(path)
+    if actual != expected:
+        raise WeightsMissingError(
+            f"Checksum mismatch for '{path}': expected sha256 {expected}, got {actual}.",
+            hint="The file is corrupt or a different version; delete it and download again.")
+    record[key] = expected
+    try:
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        record_file.write_text(json.dumps(record, indent=1))
+    except OSError:
+        pass  # an unwritable cache only costs a re-hash next time

@@ -1,0 +1,83 @@
+"""`biomedseg models | segment | doctor`, end to end on real data."""
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import slicerio
+from PIL import Image
+
+from biomedseg.cli import main
+
+
+@pytest.fixture(scope="module")
+def segmented(colin_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli")
+    rc = main(["segment", str(colin_path), "--prompt", "brain", "-o", str(out / "brain.seg.nrrd"),
+               "--preview", str(out / "brain.png"), "--device", "cpu", "-q"])
+    return rc, out
+
+
+def test_segment_writes_seg_nrrd_a_person_can_open(segmented, colin_bet_path):
+    rc, out = segmented
+    assert rc == 0
+    seg = slicerio.read_segmentation(str(out / "brain.seg.nrrd"))
+    (brain,) = seg["segments"]
+    assert brain["name"] == "brain" and brain["terminology"]["type"][2] == "Brain"
+    mask = slicerio.extract_segments(seg, [("brain", 1)])["voxels"] == 1
+    reference = np.asarray(nib.load(str(colin_bet_path)).dataobj) > 0  # (i, j, k), like slicerio's voxels
+    dice = 2 * (mask & reference).sum() / (mask.sum() + reference.sum())
+    assert dice >= 0.90
+    png = Image.open(out / "brain.png")
+    assert png.width > 600 and png.height > 300
+    # three panels with coloured outline pixels (not just grey)
+    rgb = np.asarray(png.convert("RGB")).astype(int)
+    assert ((rgb[..., 0] != rgb[..., 2]) & (rgb[..., 0] > 200)).sum() > 500
+
+
+def test_existing_output_is_not_replaced(segmented, colin_path, capsys):
+    _, out = segmented
+    before = (out / "brain.seg.nrrd").read_bytes()
+    rc = main(["segment", str(colin_path), "--prompt", "brain", "-o", str(out / "brain.seg.nrrd")])
+    assert rc == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "brain.seg.nrrd").read_bytes() == before
+
+
+def test_bad_prompt_and_bad_output_fail_before_any_work(colin_path, tmp_path, capsys):
+    assert main(["segment", str(colin_path), "--prompt", "liver", "-o", str(tmp_path / "x.seg.nrrd")]) == 2
+    assert "cannot segment 'liver'" in capsys.readouterr().err
+    assert main(["segment", str(colin_path), "--prompt", "brain", "-o", str(tmp_path / "x.png")]) == 2
+    assert "must end in one of" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "missing.nii.gz"), "--prompt", "brain", "-o",
+                 str(tmp_path / "x.seg.nrrd")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_models_json_via_console_script():
+    out = subprocess.run([sys.executable, "-m", "biomedseg.cli", "models", "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    models = {m["id"]: m for m in json.loads(out)}
+    assert models["deepbet"]["state_ready"] is True
+    assert models["biomedparse-v1"]["weights"]["license"] == "CC-BY-NC-SA-4.0"
+
+
+def test_models_table(capsys):
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert "deepbet" in text and "ready" in text and "prompts: brain" in text
+
+
+def test_doctor_reports_torch_and_models(capsys):
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    import torch
+
+    assert report["torch"] == torch.__version__
+    assert report["models"]["deepbet"]["ready"] is True
+    assert report["memory_total_gb"] > 0
+    assert main(["doctor"]) == 0
+    assert "default_device" in capsys.readouterr().out

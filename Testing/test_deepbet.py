@@ -1,0 +1,103 @@
+"""The offline default model on a real T1 (Colin27) against its BET mask."""
+import numpy as np
+import pytest
+
+from biomedseg.errors import CancelledError, InputError
+from biomedseg.inference.runner import segment
+from biomedseg.io import read_volume
+from biomedseg.volume import Volume
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.fixture(scope="module")
+def colin(colin_path):
+    return read_volume(colin_path)
+
+
+@pytest.fixture(scope="module")
+def colin_result(colin):
+    return segment(colin, "deepbet", ["brain"], device="cpu")
+
+
+def test_brain_dice_against_bet(colin_result, colin_bet_path):
+    reference = read_volume(colin_bet_path).array > 0
+    (brain,) = colin_result.segments
+    assert brain.name == "brain"
+    assert dice(brain.mask, reference) >= 0.90
+    assert colin_result.absent == []
+    assert brain.terminology["type"][1] == "12738006"  # SNOMED CT: Brain
+
+
+def _reoriented(volume: Volume, perm, flips) -> tuple[Volume, callable]:
+    """The same physical image stored with permuted/flipped array axes (and its inverse)."""
+    arr = np.transpose(volume.array, perm)
+    arr = np.flip(arr, axis=[a for a, f in enumerate(flips) if f])
+    # build the new ijk->ras: new index along axis a maps to old index along perm[a]
+    n_old = volume.shape
+    m = np.zeros((4, 4))
+    m[3, 3] = 1
+    old_ijk_of_new = np.zeros((4, 4))
+    old_ijk_of_new[3, 3] = 1
+    for new_axis_kji, old_axis_kji in enumerate(perm):
+        new_i, old_i = 2 - new_axis_kji, 2 - old_axis_kji
+        if flips[new_axis_kji]:
+            old_ijk_of_new[old_i, new_i] = -1
+            old_ijk_of_new[old_i, 3] = n_old[old_axis_kji] - 1
+        else:
+            old_ijk_of_new[old_i, new_i] = 1
+    m = volume.ijk_to_ras @ old_ijk_of_new
+
+    def back(mask):
+        out = np.flip(mask, axis=[a for a, f in enumerate(flips) if f])
+        return np.transpose(out, np.argsort(perm))
+
+    return Volume(np.ascontiguousarray(arr), m, name="reoriented"), back
+
+
+@pytest.mark.parametrize("perm,flips", [((2, 0, 1), (True, False, False)), ((1, 2, 0), (False, True, True))])
+def test_result_follows_patient_space_not_array_order(colin, colin_result, perm, flips):
+    vol, back = _reoriented(colin, perm, flips)
+    # sanity: the same RAS point holds the same intensity in both storages
+    for ijk in ([3, 5, 7], [90, 100, 80], [150, 20, 170]):
+        ras = vol.ijk_to_ras @ (ijk + [1])
+        old = np.rint(np.linalg.inv(colin.ijk_to_ras) @ ras).astype(int)
+        assert vol.array[ijk[2], ijk[1], ijk[0]] == colin.array[old[2], old[1], old[0]]
+    result = segment(vol, "deepbet", ["brain"], device="cpu")
+    mapped = back(result.segments[0].mask)
+    assert mapped.shape == colin.shape
+    assert dice(mapped, colin_result.segments[0].mask) > 0.999
+
+
+def test_cancel_stops_and_returns_nothing(colin):
+    calls = []
+
+    def cancelled():
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(CancelledError, match="nothing was written"):
+        segment(colin, "deepbet", ["brain"], device="cpu", cancelled=cancelled)
+
+
+def test_unknown_prompt_suggests(colin):
+    with pytest.raises(InputError, match="cannot segment 'brian'") as err:
+        segment(colin, "deepbet", ["brian"], device="cpu")
+    assert "brain" in err.value.hint
+
+
+def test_constant_image_is_refused():
+    vol = Volume(np.full((40, 40, 40), 7, np.int16), np.eye(4))
+    with pytest.raises(InputError, match="constant intensity"):
+        segment(vol, "deepbet", ["brain"], device="cpu")
+
+
+def test_unavailable_device_says_why(colin):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(InputError, match="cuda.*not available"):
+        segment(colin, "deepbet", ["brain"], device="cuda")

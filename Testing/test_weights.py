@@ -1,0 +1,62 @@
+"""Weights resolution on files the tests create (no hub access here)."""
+import hashlib
+
+import pytest
+
+from biomedseg.errors import WeightsMissingError
+from biomedseg.weights import resolve_weights, weights_state
+
+
+def _spec(tmp_path, sha=None, source="hub"):
+    return {"source": source, "repo": "example-org/definitely-not-cached-model", "files": ["ckpt.pt"],
+            "revision": "main", "sha256": sha, "license": "MIT", "gated": True, "size_bytes": 10}
+
+
+def test_local_file_used_and_checksum_verified(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIOMEDSEG_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"weights" * 100)
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert resolve_weights(_spec(tmp_path, sha), local_path=ckpt) == [ckpt]
+    # remembered: the record now holds the verified hash
+    assert sha in (tmp_path / "cache" / "verified.json").read_text()
+    # folder form works too
+    assert resolve_weights(_spec(tmp_path, sha), local_path=tmp_path) == [ckpt]
+
+
+def test_checksum_mismatch_is_an_actionable_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIOMEDSEG_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"corrupted")
+    with pytest.raises(WeightsMissingError, match="Checksum mismatch.*ckpt.pt") as err:
+        resolve_weights(_spec(tmp_path, "0" * 64), local_path=ckpt)
+    assert "download again" in err.value.hint
+
+
+def test_missing_local_path(tmp_path):
+    with pytest.raises(WeightsMissingError, match="not found at"):
+        resolve_weights(_spec(tmp_path), local_path=tmp_path / "nowhere.pt")
+
+
+def test_offline_mode_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    state = weights_state(_spec(tmp_path))
+    assert state["present"] is False and "gated" in state["detail"]
+    with pytest.raises(WeightsMissingError, match="not in the hub cache and offline mode is on"):
+        resolve_weights(_spec(tmp_path), offline=True)
+
+
+def test_weights_dir_environment(tmp_path, monkeypatch):
+    (tmp_path / "ckpt.pt").write_bytes(b"x")
+    monkeypatch.setenv("BIOMEDSEG_WEIGHTS_DIR", str(tmp_path))
+    state = weights_state(_spec(tmp_path, source="user_file"))
+    assert state["present"] and state["paths"] == [str(tmp_path / "ckpt.pt")]
+
+
+def test_user_file_missing_gives_instructions(tmp_path, monkeypatch):
+    monkeypatch.delenv("BIOMEDSEG_WEIGHTS_DIR", raising=False)
+    spec = {**_spec(tmp_path, source="user_file"), "instructions": "Download X from the authors."}
+    with pytest.raises(WeightsMissingError, match="not on this machine") as err:
+        resolve_weights(spec)
+    assert err.value.hint == "Download X from the authors."
