@@ -101,3 +101,9 @@ def test_unavailable_device_says_why(colin):
         pytest.skip("CUDA present")
     with pytest.raises(InputError, match="cuda.*not available"):
         segment(colin, "deepbet", ["brain"], device="cuda")
+
+
+def test_2d_input_refused_by_3d_model():
+    vol = Volume(np.random.default_rng(0).random((1, 64, 64)).astype(np.float32), np.eye(4), name="photo")
+    with pytest.raises(InputError, match="needs a 3D volume.*'photo'"):
+        segment(vol, "deepbet", ["brain"], device="cpu")

@@ -98,7 +98,7 @@ def write_ct_series(folder: Path, hu: np.ndarray, ijk_to_lps: np.ndarray, revers
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.AcquisitionNumber, ds.KVP = 1, "120"
         ds.ImagePositionPatient = [round(float(v), 6) for v in (ijk_to_lps @ [0, 0, k, 1])[:3]]
-        ds.ImageOrientationPatient = [round(float(v), 8) for v in np.r_[direction[:, 0], direction[:, 1]]]
+        ds.ImageOrientationPatient = [round(float(v), 8) + 0.0 for v in np.r_[direction[:, 0], direction[:, 1]]]
         ds.PixelSpacing = [round(float(spacing[1]), 8), round(float(spacing[0]), 8)]
         ds.SliceThickness = round(float(spacing[2]), 6)
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -134,7 +134,10 @@ def written(request, tmp_path_factory):
     """A CT series, the volume read back from it, our masks and the DICOM SEG written from them."""
     root = tmp_path_factory.mktemp(request.param)
     hu, ijk_to_lps = chest_ct(request.param)
-    write_ct_series(root / "ct", hu, ijk_to_lps, reverse_names=request.param != "axial")
+    files = write_ct_series(root / "ct", hu, ijk_to_lps, reverse_names=request.param != "axial")
+    if shutil.which("dciodvfy"):  # the reference itself is a valid CT Image
+        run = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True, timeout=60)
+        assert not [ln for ln in run.stderr.splitlines() if ln.startswith("Error")], run.stderr
     volume = read_volume(root / "ct")
     assert volume.shape == hu.shape and len(volume.meta["dicom_files"]) == hu.shape[0]
     masks = patient_space_masks(volume)
@@ -244,21 +247,41 @@ def test_dcmqi_reads_back_the_same_voxels_and_labels(written, tmp_path):
         assert mismatches == 0, f"{name}: {mismatches} voxels differ from dcmqi's image"
 
 
-def test_single_file_reference(tmp_path):
-    """A one-slice DICOM (pydicom's real CT_small.dcm) read as a file still gets a valid SEG."""
+def _ct_small() -> Volume:
     from pydicom.data import get_testdata_file
 
     source = Path(get_testdata_file("CT_small.dcm"))
     volume = read_volume(source)
     assert volume.shape == (1, 128, 128) and volume.meta["dicom_files"] == [str(source)]
-    mask = volume.array > np.percentile(volume.array, 70)
+    return volume
+
+
+def test_single_file_reference_and_non_ascii_labels(tmp_path):
+    """A one-slice DICOM (pydicom's real CT_small.dcm) read as a file still gets a valid SEG;
+    labels outside the source's character set and over 64 bytes survive as UTF-8 LO values."""
+    volume = _ct_small()
+    bright = volume.array > np.percentile(volume.array, 70)
+    long_name = "Läsion 肝臓 " + "x" * 80
     out = tmp_path / "one.dcm"
-    write_segmentation(out, volume, [Segment("lesion", mask)])
+    write_segmentation(out, volume, [Segment("lesion", bright), Segment(long_name, ~bright)])
     _dciodvfy(out)
     seg = hd.seg.segread(out)
-    assert seg.SegmentSequence[0].SegmentLabel == "lesion"
-    theirs = _on_reference_grid(seg.get_volume(segment_numbers=[1]), volume)
-    assert np.count_nonzero(theirs[..., 0].astype(bool) != mask) == 0
+    labels = [it.SegmentLabel for it in seg.SegmentSequence]
+    assert labels[0] == "lesion" and long_name.startswith(labels[1]) and len(labels[1].encode()) <= 64
+    assert labels[1].startswith("Läsion 肝臓") and seg.SpecificCharacterSet == "ISO_IR 192"
+    theirs = _on_reference_grid(seg.get_volume(segment_numbers=[1, 2]), volume)
+    assert np.count_nonzero(theirs[..., 0].astype(bool) != bright) == 0
+    assert np.count_nonzero(theirs[..., 1].astype(bool) != ~bright) == 0
+
+
+def test_all_segments_empty_is_still_valid(tmp_path):
+    volume = _ct_small()
+    out = tmp_path / "empty.dcm"
+    write_segmentation(out, volume, {"liver": np.zeros(volume.shape, bool)}, content_label="EMPTY")
+    _dciodvfy(out)
+    seg = hd.seg.segread(out)
+    assert seg.ContentLabel == "EMPTY" and seg.SegmentSequence[0].SegmentLabel == "liver"
+    assert not np.asarray(seg.get_volume(segment_numbers=[1]).array).any()
 
 
 def test_non_dicom_reference_is_refused(tmp_path):
@@ -274,11 +297,13 @@ def test_reference_changed_after_reading_is_refused(written, tmp_path):
     moved = volume.ijk_to_ras.copy()
     moved[:3, 3] += 3 * moved[:3, 2]  # same shape, but three slices further on
     shifted = Volume(volume.array, moved, meta=dict(volume.meta))
-    with pytest.raises(InputError, match="is not where"):
+    with pytest.raises(InputError, match="first slice is not where"):
         write_segmentation(tmp_path / "x.dcm", shifted, masks)
     cropped = Volume(volume.array[1:], volume.ijk_to_ras, meta=dict(volume.meta))
     with pytest.raises(InputError, match="slices but lists"):
         write_segmentation(tmp_path / "y.dcm", cropped, {n: m[1:] for n, m in masks.items()})
     with pytest.raises(InputError, match="Unknown DICOM SEG option"):
         write_segmentation(tmp_path / "z.dcm", volume, masks, series_descripton="typo")
+    with pytest.raises(InputError, match="cannot be built"):  # CS: upper case only
+        write_segmentation(tmp_path / "w.dcm", volume, masks, content_label="lower case")
     assert not list(tmp_path.iterdir())

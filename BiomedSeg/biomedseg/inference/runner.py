@@ -90,6 +90,10 @@ def segment(volume: Volume, model_id: str, prompts: list[str], *, device: str = 
     if not 0.0 < threshold < 1.0:
         raise InputError(f"Threshold {threshold} must lie strictly between 0 and 1.")
     prompts = check_prompts(model_id, prompts)
+    entry = get_model(model_id)
+    if entry.input == "3d" and min(volume.shape) < 8:
+        raise InputError(f"Model '{model_id}' needs a 3D volume, but '{volume.name or 'the input'}' has shape "
+                         f"{volume.shape} (k, j, i).", hint="Choose a 3D image or a slice-wise (2D) model.")
     start = time.perf_counter()
     backend, reason = load_backend(model_id, device, weights)
     probabilities = backend.predict(volume, prompts, progress=progress or (lambda *a: None),

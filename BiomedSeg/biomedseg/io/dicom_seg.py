@@ -30,9 +30,9 @@ def write_dicom_seg(path: str | os.PathLike, reference: Volume, segments: list[S
 
     Options: ``series_description`` (default 'BiomedSeg segmentation'), ``series_number``
     (1000), ``content_label`` (DICOM CS; highdicom's default is '<modality>_SEG'),
-    ``content_description``,
-    ``content_creator_name``. Segment numbers are 1..n in the order given (DICOM requires
-    that); names go to the segment labels, terminology to the property codes.
+    ``content_description``, ``content_creator_name``. Segment numbers are 1..n in the
+    order given (DICOM requires that); names go to the segment labels, terminology to the
+    property codes.
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -54,16 +54,16 @@ def write_dicom_seg(path: str | os.PathLike, reference: Volume, segments: list[S
     sources = _read_sources(files, reference, pydicom)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="BiomedSeg", version=__version__, family=codes.cid7162.ArtificialIntelligence)
-    descriptions = [_description(hd, number, seg, algorithm) for number, seg in enumerate(segments, start=1)]
-    texts = {"series_description": _lo(options.get("series_description", "BiomedSeg segmentation"))}
-    if options.get("content_description"):
-        texts["content_description"] = _lo(options["content_description"])
-    # Text outside ASCII could be mangled in the source's character set; UTF-8 holds all.
-    if not all(t.isascii() for t in [d.SegmentLabel for d in descriptions] + list(texts.values())):
-        texts["specific_character_set"] = "ISO_IR 192"
-    # (frames, rows, columns, segments): frame k is dicom_files[k], rows are j, columns are i.
-    pixels = np.stack([seg.mask for seg in segments], axis=-1).astype(np.uint8)
     try:
+        descriptions = [_description(hd, number, seg, algorithm) for number, seg in enumerate(segments, start=1)]
+        texts = {"series_description": _lo(options.get("series_description", "BiomedSeg segmentation"))}
+        if options.get("content_description"):
+            texts["content_description"] = _lo(options["content_description"])
+        # Text outside ASCII could be mangled in the source's character set; UTF-8 holds all.
+        if not all(t.isascii() for t in [d.SegmentLabel for d in descriptions] + list(texts.values())):
+            texts["specific_character_set"] = "ISO_IR 192"
+        # (frames, rows, columns, segments): frame k is dicom_files[k], rows are j, columns are i.
+        pixels = np.stack([seg.mask for seg in segments], axis=-1).astype(np.uint8)
         dataset = hd.seg.Segmentation(
             source_images=sources,
             pixel_array=pixels,
@@ -85,6 +85,8 @@ def write_dicom_seg(path: str | os.PathLike, reference: Volume, segments: list[S
             omit_empty_frames=True,
             **texts,
         )
+    except InputError:
+        raise
     except ValueError as exc:  # highdicom's checks of option values and source attributes
         raise InputError(f"'{path}': the DICOM SEG cannot be built: {exc}") from None
     if "ContentCreatorName" not in dataset:  # type 2: present even when unknown
@@ -116,13 +118,15 @@ def _read_sources(files: list[str], reference: Volume, pydicom) -> list:
     # Slice 0 must still lie where the first file lies, with the same row and column
     # directions: a volume cropped, flipped or reoriented after reading would not. Later
     # slices are not compared, so series with uneven slice gaps are still written.
-    first = datasets[0]
-    lps = reference.ijk_to_lps
-    position, orientation = first.get("ImagePositionPatient"), first.get("ImageOrientationPatient")
-    moved = position is not None and np.linalg.norm(np.asarray(position, float) - lps[:3, 3]) > \
-        0.5 * float(np.min(reference.spacing))
-    turned = orientation is not None and np.any(
-        np.asarray(orientation, float).reshape(2, 3) @ (lps[:3, :2] / reference.spacing[:2]).T.T < 0.99)
+    first, lps = datasets[0], reference.ijk_to_lps
+    moved = turned = False
+    if "ImagePositionPatient" in first:
+        offset = np.asarray(first.ImagePositionPatient, float) - lps[:3, 3]
+        moved = np.linalg.norm(offset) > 0.5 * float(np.min(reference.spacing))
+    if "ImageOrientationPatient" in first:
+        cosines = np.asarray(first.ImageOrientationPatient, float).reshape(2, 3)  # row, column
+        axes = (lps[:3, :2] / reference.spacing[:2]).T  # i, j directions
+        turned = bool(np.any(np.sum(cosines * axes, axis=1) < 0.99))
     if moved or turned:
         raise InputError(f"The reference's first slice is not where '{files[0]}' lies (cropped, flipped or "
                          "reoriented after reading?); the DICOM SEG cannot be tied to the images.",
