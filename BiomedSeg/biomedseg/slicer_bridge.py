@@ -57,7 +57,10 @@ def ensure_converter_rules() -> None:
     import slicer
 
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-    present = {rule.GetClassName() for rule in factory.GetConverterRules()}
+    try:
+        present = {rule.GetClassName() for rule in factory.GetConverterRules()}
+    except (AttributeError, TypeError):  # pragma: no cover - unwrapped list: the application registered them
+        return
     for name in ("vtkBinaryLabelmapToClosedSurfaceConversionRule", "vtkClosedSurfaceToBinaryLabelmapConversionRule",
                  "vtkClosedSurfaceToFractionalLabelmapConversionRule",
                  "vtkFractionalLabelmapToClosedSurfaceConversionRule"):
@@ -293,21 +296,37 @@ def _unique_segment_name(segmentation, name: str) -> str:
     return candidate
 
 
-def _segment_state(segmentation_node, segment_id: str) -> dict:
-    """Everything needed to put a segment back: its voxels and its metadata, both own copies.
+def segment_labelmap(segmentation_node, segment_id: str, world: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One segment's own voxels: (boolean (k, j, i) array, 4x4 matrix of its index (0, 0, 0)).
 
-    The voxels are extracted as a binary labelmap of this segment alone, so restoring them
-    cannot disturb segments that share its layer.
+    Slicer keeps non-overlapping segments in one shared labelmap, each under its own label
+    value, and its logic hands out that whole layer; only voxels holding this segment's
+    value belong to it. ``world=False`` keeps the segmentation node's own frame.
     """
     import slicer
 
     segmentation = segmentation_node.GetSegmentation()
-    metadata = slicer.vtkSegment()
-    metadata.DeepCopyMetadata(segmentation.GetSegment(segment_id))
+    segment = segmentation.GetSegment(segment_id)
+    if segment is None:
+        raise InputError(f"'{_node_label(segmentation_node)}' has no segment with ID '{segment_id}'.")
+    if not segmentation.ContainsRepresentation(BINARY_LABELMAP):
+        segmentation_node.CreateBinaryLabelmapRepresentation()
     labelmap = slicer.vtkOrientedImageData()
-    ok = slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-        segmentation_node, segment_id, labelmap, False)
-    return {"name": metadata.GetName(), "metadata": metadata, "labelmap": labelmap if ok else None}
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentation_node, segment_id, labelmap, world):
+        raise InputError(f"Segment '{segment.GetName()}' of '{_node_label(segmentation_node)}' has no binary labelmap.")
+    array, matrix = _oriented_to_array(labelmap)
+    return array == segment.GetLabelValue(), matrix
+
+
+def _segment_state(segmentation_node, segment_id: str) -> dict:
+    """Everything needed to put a segment back: its own voxels and its metadata, as copies."""
+    import slicer
+
+    metadata = slicer.vtkSegment()
+    metadata.DeepCopyMetadata(segmentation_node.GetSegmentation().GetSegment(segment_id))
+    mask, matrix = segment_labelmap(segmentation_node, segment_id, world=False)
+    return {"name": metadata.GetName(), "metadata": metadata, "mask": mask, "matrix": matrix}
 
 
 def _tag(segment, name: str) -> str:
@@ -329,16 +348,30 @@ def _apply_properties(segment, seg: Segment, tag_name: str) -> None:
 def _replace_labelmap(segmentation_node, segment_id: str, labelmap) -> None:
     """Replace one segment's voxels everywhere, leaving segments that share its layer untouched.
 
-    Clearing first drops voxels outside the new labelmap's extent; Slicer's modifier moves
-    the segment to its own layer where it would otherwise overwrite a neighbour.
+    Slicer's replace mode (no extent given) drops the old voxels even outside the new
+    labelmap, and moves the segment to a layer of its own where writing it in place would
+    overwrite a neighbour.
     """
     import slicer
 
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    logic.ClearSegment(segmentation_node, segment_id)
     if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE):
         raise InputError(f"Slicer refused the labelmap for segment '{segment_id}' of "
                          f"'{_node_label(segmentation_node)}'.")
+
+
+def _require_labelmap_source(segmentation_node) -> None:
+    """Refuse to add voxels to a segmentation whose segments are surfaces (converting would alter them)."""
+    segmentation = segmentation_node.GetSegmentation()
+    getter = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
+    source = getter()
+    if not source or segmentation.GetNumberOfSegments() == 0:
+        setter = getattr(segmentation, "SetSourceRepresentationName", None) or segmentation.SetMasterRepresentationName
+        setter(BINARY_LABELMAP)
+    elif source != BINARY_LABELMAP:
+        raise InputError(f"The segments of '{_node_label(segmentation_node)}' are stored as '{source}', not as voxels; "
+                         "choose another segmentation, or make 'Binary labelmap' the source representation "
+                         "(Segmentations module, Representations) first.")
 
 
 def write_segments(segmentation_node, reference, segments: Mapping[str, np.ndarray] | Iterable[Segment],
@@ -350,10 +383,9 @@ def write_segments(segmentation_node, reference, segments: Mapping[str, np.ndarr
     replaces the voxels of the segment with the same name in place (same ID; its colour
     and terminology change only when the caller gave them) and adds the ones not found.
     Other segments are never touched. Record: ``{"segment_ids": [...], "prior": {id:
-    None | state}}`` -- give it to ``undo_segments``.
+    None | state}}`` -- give it to ``undo_segments``. If Slicer refuses one segment, the
+    ones already written are undone before the error is raised.
     """
-    import slicer
-
     if mode not in ("add", "overwrite"):
         raise InputError(f"Unknown write mode '{mode}'; use 'add' or 'overwrite'.")
     ensure_converter_rules()
@@ -367,32 +399,45 @@ def write_segments(segmentation_node, reference, segments: Mapping[str, np.ndarr
     record: dict = {"segment_ids": [], "prior": {}}
     if not segmentation.GetConversionParameter(REFERENCE_GEOMETRY) or segmentation.GetNumberOfSegments() == 0:
         _set_reference_geometry(segmentation_node, reference, ijk_to_frame, volume.shape)
-    if not segmentation.GetSourceRepresentationName():
-        segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
-    for seg in prepared:
-        labelmap = _oriented_image(seg.mask, ijk_to_frame)
-        existing = segmentation.GetSegmentIdBySegmentName(seg.name) if mode == "overwrite" else ""
-        if existing:
-            record["prior"][existing] = _segment_state(segmentation_node, existing)
-            if seg.name in explicit:
-                _apply_properties(segmentation.GetSegment(existing), seg, tag_name)
-            _replace_labelmap(segmentation_node, existing, labelmap)
-            record["segment_ids"].append(existing)
-            continue
-        name = _unique_segment_name(segmentation, seg.name)
-        segment_id = segmentation.AddEmptySegment("", name, list(seg.color))
-        if not segment_id:
-            raise InputError(f"Slicer could not add segment '{name}' to '{_node_label(segmentation_node)}'.")
-        record["prior"][segment_id] = None
-        _apply_properties(segmentation.GetSegment(segment_id), seg, tag_name)
-        _replace_labelmap(segmentation_node, segment_id, labelmap)
-        record["segment_ids"].append(segment_id)
+    _require_labelmap_source(segmentation_node)
+    try:
+        for seg in prepared:
+            record["segment_ids"].append(_write_one(segmentation_node, seg, ijk_to_frame, mode,
+                                                    seg.name in explicit, tag_name, record["prior"]))
+    except BaseException:
+        undo_segments(segmentation_node, record)
+        raise
     segmentation_node.Modified()
     return record
 
 
+def _write_one(segmentation_node, seg: Segment, ijk_to_frame: np.ndarray, mode: str, explicit: bool,
+               tag_name: str, prior: dict) -> str:
+    """Write one segment, noting its prior state in ``prior`` before touching it; returns its ID."""
+    segmentation = segmentation_node.GetSegmentation()
+    labelmap = _oriented_image(seg.mask, ijk_to_frame)
+    existing = segmentation.GetSegmentIdBySegmentName(seg.name) if mode == "overwrite" else ""
+    if existing:
+        prior[existing] = _segment_state(segmentation_node, existing)
+        if explicit:
+            _apply_properties(segmentation.GetSegment(existing), seg, tag_name)
+        _replace_labelmap(segmentation_node, existing, labelmap)
+        return existing
+    name = _unique_segment_name(segmentation, seg.name)
+    segment_id = segmentation.AddEmptySegment("", name, list(seg.color))
+    if not segment_id:
+        raise InputError(f"Slicer could not add segment '{name}' to '{_node_label(segmentation_node)}'.")
+    prior[segment_id] = None
+    _apply_properties(segmentation.GetSegment(segment_id), seg, tag_name)
+    _replace_labelmap(segmentation_node, segment_id, labelmap)
+    return segment_id
+
+
 def undo_segments(segmentation_node, undo_record: dict) -> None:
-    """Put back what ``write_segments`` changed: remove added segments, restore overwritten ones."""
+    """Put back what ``write_segments`` changed: remove added segments, restore overwritten ones.
+
+    Later edits of those same segments are discarded with it; other segments are not touched.
+    """
     segmentation = segmentation_node.GetSegmentation()
     for segment_id in reversed(list(undo_record["prior"])):
         state = undo_record["prior"][segment_id]
@@ -415,10 +460,10 @@ def _restore_state(segmentation_node, segment_id: str, state: dict) -> None:
     label_value = segment.GetLabelValue()
     segment.DeepCopyMetadata(state["metadata"])
     segment.SetLabelValue(label_value)
-    if state["labelmap"] is None:
+    if state["mask"].size == 0:
         slicer.vtkSlicerSegmentationsModuleLogic.ClearSegment(segmentation_node, segment_id)
     else:
-        _replace_labelmap(segmentation_node, segment_id, state["labelmap"])
+        _replace_labelmap(segmentation_node, segment_id, _oriented_image(state["mask"], state["matrix"]))
 
 
 # ---- reading segments ----------------------------------------------------------------------
@@ -432,19 +477,14 @@ def segment_mask(segmentation_node, segment_id: str, reference_volume) -> np.nda
     import slicer
 
     volume = _reference_volume(reference_volume)
-    if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
-        raise InputError(f"'{_node_label(segmentation_node)}' has no segment with ID '{segment_id}'.")
-    labelmap = slicer.vtkOrientedImageData()
-    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-            segmentation_node, segment_id, labelmap, True):
-        raise InputError(f"Segment '{segment_id}' of '{_node_label(segmentation_node)}' has no binary labelmap.")
-    array, matrix = _oriented_to_array(labelmap)
+    array, matrix = segment_labelmap(segmentation_node, segment_id, world=True)
     placed = _copy_on_same_lattice(array, matrix, volume)
     if placed is not None:
         return placed
     reference = _oriented_image(np.zeros(volume.shape, np.uint8), volume.ijk_to_ras)
     resampled = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, resampled)
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        _oriented_image(array, matrix), reference, resampled)
     out, _ = _oriented_to_array(resampled)
     return out.reshape(volume.shape) > 0
 
@@ -562,5 +602,5 @@ def segments_of(segmentation_node) -> list[dict]:
 
 
 __all__ = ["volume_from_node", "node_from_volume", "write_segments", "undo_segments", "segment_mask",
-           "export_to_labelmap_node", "save_segmentation", "load_segmentation", "segments_of",
+           "segment_labelmap", "export_to_labelmap_node", "save_segmentation", "load_segmentation", "segments_of",
            "ensure_converter_rules", "reference_geometry_parameter"]
