@@ -6,11 +6,14 @@ code; the state of a model on this machine is found by looking, not by loading.
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 from .errors import InputError
 from .weights import weights_state
@@ -71,7 +74,17 @@ def _resource_text(name: str) -> str:
 
 @lru_cache(maxsize=1)
 def load_catalog() -> tuple[ModelEntry, ...]:
+    """The bundled catalogue plus any files listed in ``$BIOMEDSEG_EXTRA_MODELS``.
+
+    Extra files (``os.pathsep``-separated) use the same schema; they let a site add its own
+    models (and the tests add controllable ones) without editing the package.
+    """
     data = json.loads(_resource_text("models.json"))
+    for extra in filter(None, os.environ.get("BIOMEDSEG_EXTRA_MODELS", "").split(os.pathsep)):
+        try:
+            data["models"] += json.loads(Path(extra).read_text())["models"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"Extra model catalogue '{extra}' cannot be read ({exc}).") from None
     validate_catalog(data)
     return tuple(ModelEntry(m) for m in data["models"])
 
@@ -97,3 +110,25 @@ def get_model(model_id: str) -> ModelEntry:
 
 def default_model_id() -> str:
     return "deepbet"
+
+
+def check_prompts(model_id: str, prompts: list[str]) -> list[str]:
+    """Clean prompts (strip, drop duplicates) and refuse ones a fixed-vocabulary model can't do."""
+    entry = get_model(model_id)
+    cleaned = []
+    for p in prompts:
+        p = " ".join(str(p).split())
+        if p and p.lower() not in {c.lower() for c in cleaned}:
+            cleaned.append(p)
+    if not cleaned:
+        suggestions = ", ".join(entry.targets()[:8])
+        raise InputError(f"No prompt given for model '{model_id}'.",
+                         hint=f"Try: {suggestions}." if suggestions else None)
+    if entry.prompt_kind == "fixed":
+        known = entry.targets()
+        for p in cleaned:
+            if p.lower() not in {k.lower() for k in known}:
+                close = difflib.get_close_matches(p.lower(), known, n=3, cutoff=0.5)
+                raise InputError(f"Model '{model_id}' cannot segment '{p}'; it knows only: {', '.join(known)}.",
+                                 hint=f"Did you mean {', '.join(close)}?" if close else None)
+    return cleaned

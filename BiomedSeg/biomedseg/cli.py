@@ -86,7 +86,8 @@ def cmd_segment(args) -> int:
     from .io import read_volume, write_segmentation
     from .io.writers import SEGMENTATION_SUFFIXES
     from .io.readers import suffix_of
-    from .inference.runner import check_prompts, segment
+    from .catalog import check_prompts
+    from .inference.runner import segment
 
     output = Path(args.output)
     if suffix_of(output) not in SEGMENTATION_SUFFIXES:
@@ -100,10 +101,20 @@ def cmd_segment(args) -> int:
     volume = read_volume(args.input, series_uid=args.series_uid)
     log(f"read {volume}")
     bar = _ProgressBar(enabled=not args.quiet)
+    run_options = dict(device=args.device, threshold=args.threshold, keep_largest=args.largest,
+                       fill_holes=args.fill_holes, weights=args.weights)
     try:
-        result = segment(volume, args.model, prompts, device=args.device, threshold=args.threshold,
-                         keep_largest=args.largest, fill_holes=args.fill_holes, weights=args.weights,
-                         progress=bar)
+        if args.in_process:
+            result = segment(volume, args.model, prompts, progress=bar, **run_options)
+        else:
+            from .worker.client import WorkerClient
+
+            client = WorkerClient(python=args.worker_python)
+            try:
+                result = client.run(volume, args.model, prompts,
+                                    on_progress=lambda job: bar(job.stage, job.done, job.total), **run_options)
+            finally:
+                client.close()
     finally:
         bar.close()
     log(f"{args.model} ran on {result.device_reason} in {result.seconds:.1f} s")
@@ -203,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fill holes inside each segment (model default when not given)")
     p.add_argument("--weights", help="local weights file or folder instead of the catalogue's source")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the model in this process instead of the background worker (debugging)")
+    p.add_argument("--worker-python", help="Python executable for the worker (default: this one, or "
+                                           "$BIOMEDSEG_WORKER_PYTHON)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the written paths")
     p.set_defaults(func=cmd_segment)
 

@@ -236,7 +236,8 @@ def from_sitk(image, name: str = "", meta: dict | None = None) -> Volume:
 
     dim = image.GetDimension()
     if dim == 4:
-        raise InputError(f"'{name or 'image'}': 4D images (size {image.GetSize()}) are not supported; "
+        where = (meta or {}).get("source") or name or "image"
+        raise InputError(f"'{where}': 4D images (size {image.GetSize()}) are not supported; "
                          "extract one time point first.")
     n_comp = image.GetNumberOfComponentsPerPixel()
     array = sitk.GetArrayFromImage(image)
@@ -276,12 +277,13 @@ def to_sitk(volume: Volume):
 def from_nibabel(img, name: str = "", meta: dict | None = None) -> Volume:
     """nibabel image (array in i, j, k order, affine to RAS) -> Volume."""
     shape = img.shape
+    where = (meta or {}).get("source") or name or "image"
     if len(shape) > 3 and any(s > 1 for s in shape[3:]):
-        raise InputError(f"'{name or 'image'}': 4D images (shape {shape}) are not supported; "
+        raise InputError(f"'{where}': 4D images (shape {shape}) are not supported; "
                          "extract one time point or channel first.")
     data = np.asanyarray(img.dataobj)
     if np.iscomplexobj(data):
-        raise InputError(f"'{name or 'image'}': complex-valued voxels are not supported; save magnitude "
+        raise InputError(f"'{where}': complex-valued voxels are not supported; save magnitude "
                          "(or real/imaginary parts) as a real image first.")
     if data.dtype.names:  # NIfTI RGB24 / RGBA32 structured types
         data = np.stack([data[n] for n in data.dtype.names], axis=-1)
@@ -324,25 +326,37 @@ def nrrd_header(volume: Volume, space: str = "left-posterior-superior") -> dict:
     return header
 
 
+#: NRRD axis kinds that index samples (time points, frames, layers), never colour channels.
+NRRD_NON_CHANNEL_KINDS = {"domain", "space", "time", "list", "point", "scalar"}
+
+
 def from_nrrd(data: np.ndarray, header: dict, name: str = "", meta: dict | None = None) -> Volume:
     """pynrrd (data in i, j, k order, index_order='F') + header -> Volume."""
+    where = (meta or {}).get("source") or name or "image"
     space = str(header.get("space", "left-posterior-superior")).lower()
     aliases = {"lps": "left-posterior-superior", "ras": "right-anterior-superior",
                "left-posterior-superior": "left-posterior-superior",
                "right-anterior-superior": "right-anterior-superior"}
     if space not in aliases:
-        raise InputError(f"'{name}': NRRD space '{space}' is not a patient space this engine reads "
+        raise InputError(f"'{where}': NRRD space '{space}' is not a patient space this engine reads "
                          "(use left-posterior-superior or right-anterior-superior).")
     kinds = list(header.get("kinds", ["domain"] * data.ndim))
     directions = header.get("space directions")
     if directions is None:
-        raise InputError(f"'{name}': the NRRD header has no 'space directions', so the image cannot be "
+        raise InputError(f"'{where}': the NRRD header has no 'space directions', so the image cannot be "
                          "placed in patient space.")
     directions = np.asarray(directions, dtype=np.float64)
     spatial = [a for a in range(data.ndim) if not np.all(np.isnan(directions[a]))]
     other = [a for a in range(data.ndim) if a not in spatial]
-    if len(spatial) != 3 or len(other) > 1 or (other and data.shape[other[0]] > 4):
-        raise InputError(f"'{name}': NRRD with axes kinds {kinds} and size {list(data.shape)} is not a 3D "
+    other_kind = str(kinds[other[0]]).lower() if other and other[0] < len(kinds) else "none"
+    if other and data.shape[other[0]] > 1 and other_kind == "complex":
+        raise InputError(f"'{where}': complex-valued voxels are not supported; save magnitude "
+                         "(or real/imaginary parts) as a real image first.")
+    # A non-spatial axis of kind domain/space/time/list (frames, layers) makes a 4D image,
+    # however few entries it has; only vector/colour kinds (or none given) are channels.
+    if (len(spatial) != 3 or len(other) > 1 or (other and data.shape[other[0]] > 4)
+            or (other and data.shape[other[0]] > 1 and other_kind in NRRD_NON_CHANNEL_KINDS)):
+        raise InputError(f"'{where}': NRRD with axes kinds {kinds} and size {list(data.shape)} is not a 3D "
                          "image; 4D images (time series, multi-component) are not supported.")
     if other and data.shape[other[0]] > 1:
         data = np.moveaxis(data, other[0], -1)

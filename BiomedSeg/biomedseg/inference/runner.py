@@ -3,58 +3,27 @@
 It checks the request against the catalogue (clear errors before any model loads),
 keeps loaded backends warm between calls, runs the model, applies thresholds and
 post-processing, and reports targets the model did not find instead of writing empty
-segments. The CLI calls it in-process; the worker (a later layer) calls it in its own
-process.
+segments. The worker calls it in its own process; the CLI's --in-process mode calls it directly.
 """
 from __future__ import annotations
 
-import difflib
+import gc
+import os
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
 
 import numpy as np
 
-from ..catalog import get_model
+from ..catalog import check_prompts, get_model
 from ..errors import DependencyMissingError, InputError, WeightsMissingError
 from ..models.base import backend_class
-from ..segments import Segment, prepare_segments
+from ..segments import Segment, SegmentationResult, prepare_segments
 from ..volume import Volume
 from .postprocess import postprocess
 
-_WARM: dict[tuple, object] = {}
-
-
-@dataclass
-class SegmentationResult:
-    segments: list[Segment]
-    absent: list[str]
-    model_id: str
-    device: str
-    device_reason: str
-    seconds: float
-    probabilities: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def check_prompts(model_id: str, prompts: list[str]) -> list[str]:
-    """Clean prompts (strip, drop duplicates) and refuse ones a fixed-vocabulary model can't do."""
-    entry = get_model(model_id)
-    cleaned = []
-    for p in prompts:
-        p = " ".join(str(p).split())
-        if p and p.lower() not in {c.lower() for c in cleaned}:
-            cleaned.append(p)
-    if not cleaned:
-        suggestions = ", ".join(entry.targets()[:8])
-        raise InputError(f"No prompt given for model '{model_id}'.",
-                         hint=f"Try: {suggestions}." if suggestions else None)
-    if entry.prompt_kind == "fixed":
-        known = entry.targets()
-        for p in cleaned:
-            if p.lower() not in {k.lower() for k in known}:
-                close = difflib.get_close_matches(p.lower(), known, n=3, cutoff=0.5)
-                raise InputError(f"Model '{model_id}' cannot segment '{p}'; it knows only: {', '.join(known)}.",
-                                 hint=f"Did you mean {', '.join(close)}?" if close else None)
-    return cleaned
+#: Loaded backends, least recently used first; evicted when memory runs short.
+_WARM: "OrderedDict[tuple, object]" = OrderedDict()
+MAX_WARM = int(os.environ.get("BIOMEDSEG_MAX_WARM", "2"))
 
 
 def load_backend(model_id: str, device: str = "auto", weights: str | None = None):
@@ -70,7 +39,10 @@ def load_backend(model_id: str, device: str = "auto", weights: str | None = None
                                      "this Python environment.", hint=f"pip install {' '.join(missing)}")
     device, reason = resolve_device(device)
     key = (model_id, device, str(weights or ""))
-    if key not in _WARM:
+    if key in _WARM:
+        _WARM.move_to_end(key)
+    else:
+        _make_room(entry.weights.get("size_bytes", 0), device)
         try:
             _WARM[key] = backend_class(entry.backend)(device=device, weights=weights)
         except FileNotFoundError as exc:
@@ -78,8 +50,35 @@ def load_backend(model_id: str, device: str = "auto", weights: str | None = None
     return _WARM[key], reason
 
 
+def _free_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _make_room(model_bytes: int, device: str) -> None:
+    """Evict least recently used models until the new one (about 2x its weights) fits."""
+    while _WARM and (len(_WARM) >= MAX_WARM or _free_bytes(device) < 2 * model_bytes):
+        _WARM.popitem(last=False)
+        gc.collect()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def warm_models() -> list[dict]:
+    return [{"model": k[0], "device": k[1], "weights": k[2] or None} for k in _WARM]
+
+
 def unload_all() -> None:
+    """Drop every loaded model and give its memory back."""
     _WARM.clear()
+    gc.collect()
 
 
 def segment(volume: Volume, model_id: str, prompts: list[str], *, device: str = "auto",

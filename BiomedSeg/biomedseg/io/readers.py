@@ -7,6 +7,7 @@ and every error names the file and what is wrong with it.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -89,15 +90,32 @@ def _read_nifti(p: Path) -> Volume:
         img = nib.load(str(p))
     except Exception as exc:  # nibabel raises many types for corrupt headers
         raise InputError(f"'{p}' is not a readable NIfTI file ({exc}).") from None
-    pixdim = np.asarray(img.header["pixdim"][1:4], dtype=np.float64)
+    # nibabel's loaded header has zero pixdims already replaced by 1 (with only a log
+    # message), so look at the header as stored: without an sform, pixdim is the spacing.
+    try:
+        with nib.openers.ImageOpener(str(p)) as f:
+            raw_header = type(img.header).from_fileobj(f, check=False)
+        pixdim = np.asarray(raw_header["pixdim"][1:4], dtype=np.float64)
+    except Exception:  # noqa: BLE001 -- nibabel itself read it; fall back to its header
+        pixdim = np.asarray(img.header["pixdim"][1:4], dtype=np.float64)
     n_spatial = min(3, len(img.shape))
-    if np.any(pixdim[:n_spatial] <= 0) and int(img.header["sform_code"]) == 0:
+    if not np.all(pixdim[:n_spatial] > 0) and int(img.header["sform_code"]) == 0:
         raise InputError(f"'{p}': voxel spacing must be positive, the header gives "
                          f"{pixdim[:n_spatial].tolist()}.")
-    if len(img.shape) < 3:
-        img = nib.Nifti1Image(np.asanyarray(img.dataobj).reshape(img.shape + (1,) * (3 - len(img.shape))),
-                              img.affine, img.header)
-    return from_nibabel(img, name=_stem(p), meta={"source": str(p), "file_space": "RAS"})
+    if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0:
+        # No orientation stored: nibabel and ITK guess differently. Slicer reads with ITK,
+        # so take ITK's guess, or our results would not line up with the image in Slicer.
+        return _read_with_sitk(p)
+    try:
+        if len(img.shape) < 3:
+            img = nib.Nifti1Image(np.asanyarray(img.dataobj).reshape(img.shape + (1,) * (3 - len(img.shape))),
+                                  img.affine, img.header)
+        return from_nibabel(img, name=_stem(p), meta={"source": str(p), "file_space": "RAS"})
+    except InputError:
+        raise
+    except (OSError, EOFError, ValueError, zlib.error) as exc:  # truncated or damaged voxel data
+        raise InputError(f"'{p}': the voxel data cannot be read, the file is truncated or damaged "
+                         f"({_first_line(exc)}).") from None
 
 
 def _read_nrrd(p: Path) -> Volume:
@@ -129,7 +147,7 @@ def _sitk_read(p: Path):
     except RuntimeError as exc:
         raise InputError(f"'{p}' cannot be read ({_first_line(exc)}).") from None
     _check_sitk_geometry(p, reader.GetSpacing(), reader.GetDimension(), reader.GetSize(),
-                         reader.GetPixelIDValue())
+                         reader.GetPixelIDValue(), reader.GetDirection(), reader.GetNumberOfComponents())
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -141,23 +159,44 @@ def _sitk_read(p: Path):
     return image, tags
 
 
-def _check_sitk_geometry(p, spacing, dim, size, pixel_id):
+def _check_sitk_geometry(p, spacing, dim, size, pixel_id, direction=None, n_components=1):
     import SimpleITK as sitk
 
-    if any(s <= 0 for s in spacing):
+    if not all(s > 0 for s in spacing):
         raise InputError(f"'{p}': voxel spacing must be positive, the header gives {list(spacing)}.")
+    if direction is not None:
+        d = np.asarray(direction, dtype=np.float64).reshape(dim, dim)[:3, :3]
+        norms = np.linalg.norm(d, axis=0)
+        if (not np.all(np.isfinite(d)) or np.any(norms == 0)
+                or abs(np.linalg.det(d / np.where(norms == 0, 1, norms))) < 1e-6):
+            raise InputError(f"'{p}': the direction matrix {np.round(d, 6).tolist()} is not invertible "
+                             "(two image axes are parallel or an axis has no direction).")
     if dim == 4 and size[3] > 1:
         raise InputError(f"'{p}': 4D images (size {list(size)}) are not supported; extract one time point first.")
     complex_ids = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
-    if pixel_id in complex_ids:
-        raise InputError(f"'{p}': complex-valued voxels are not supported; save magnitude "
+    # MetaImage and NRRD have no complex type: ITK writes complex voxels as two float components.
+    two_float = n_components == 2 and pixel_id in {sitk.sitkVectorFloat32, sitk.sitkVectorFloat64}
+    if pixel_id in complex_ids or two_float:
+        stored = " (stored as 2 floating-point components per voxel)" if two_float else ""
+        raise InputError(f"'{p}': complex-valued voxels{stored} are not supported; save magnitude "
                          "(or real/imaginary parts) as a real image first.")
 
 
 def _first_line(exc: Exception) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    # ITK messages end with the useful sentence.
-    return lines[-1] if lines else type(exc).__name__
+    # ITK messages carry the useful sentence on their 'ITK ERROR:' / 'sitk::ERROR:' line
+    # (matrices and other details may follow it); other exceptions lead with it.
+    for ln in lines:
+        for marker in ("ITK ERROR:", "sitk::ERROR:"):
+            if marker in ln:
+                text = ln.split(marker, 1)[1].strip()
+                # drop ITK's 'ClassName(0x...): ' prefix
+                if text.split(":", 1)[0].endswith(")") and "(0x" in text.split(":", 1)[0]:
+                    text = text.split(":", 1)[1].strip()
+                return text or ln
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if lines[0].startswith("Exception thrown in SimpleITK") else lines[0]
 
 
 def _read_with_sitk(p: Path, extra_meta: dict | None = None) -> Volume:
@@ -173,8 +212,30 @@ def _read_with_sitk(p: Path, extra_meta: dict | None = None) -> Volume:
 
 def _read_2d_image(p: Path) -> Volume:
     """PNG/JPEG/TIFF: a one-slice volume, 1 mm pixels, shown as stored (LPS identity)."""
-    volume = _read_with_sitk(p, {"image_kind": "2d"})
+    volume = _read_with_sitk(p)
+    volume.meta["image_kind"] = "2d" if volume.shape[0] == 1 else "stack"
+    if suffix_of(p) in (".tif", ".tiff") and not volume.channels_last:
+        # ITK's TIFF reader decodes several samples per pixel only for RGB photometry; any
+        # other multi-sample TIFF comes back as one channel of interleaved bytes.
+        samples = _tiff_samples_per_pixel(p)
+        if samples and samples > 1:
+            raise InputError(f"'{p}': the TIFF stores {samples} samples per pixel that are not RGB colour; "
+                             "only grey or RGB(A) TIFFs are read. Save one channel (or RGB) first.")
     return volume
+
+
+def _tiff_samples_per_pixel(p: Path) -> int | None:
+    """SamplesPerPixel (tag 277) of the first TIFF page, or None when it cannot be told."""
+    try:
+        from PIL import TiffImagePlugin
+
+        with open(p, "rb") as f:
+            ifd = TiffImagePlugin.ImageFileDirectory_v2(f.read(8))
+            f.seek(ifd.next)
+            ifd.load(f)
+        return int(ifd.get(277, 1))
+    except Exception:  # noqa: BLE001 -- only a sanity check on top of ITK's reading
+        return None
 
 
 def _looks_like_dicom(p: Path) -> bool:

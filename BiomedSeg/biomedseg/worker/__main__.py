@@ -1,0 +1,3 @@
+from .server import main
+import sys
+sys.exit(main())

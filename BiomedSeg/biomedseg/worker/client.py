@@ -1,0 +1,419 @@
+"""Client side of the worker: start it, send jobs, poll for progress, cancel, recover.
+
+Imports neither torch nor model code. Two threads only read the worker's pipes into a
+queue / a log buffer; everything else -- callbacks included -- happens in ``poll()``,
+on the caller's thread (the Slicer panel calls it from a QTimer, so no thread touches
+Qt). ``run()`` is the blocking convenience for the CLI.
+
+Failure handling: a worker that exits mid-job fails the job with its exit code and last
+log lines, and the next request starts a fresh one; a worker silent for longer than
+``stall_timeout`` (or not stopping within ``cancel_grace`` of a cancel) is killed with its
+children. Shared-memory blocks belong to the client and are unlinked when the job ends.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import BiomedSegError, CancelledError, WorkerCrashedError, error_from_dict
+from ..segments import Segment, SegmentationResult
+from ..volume import Volume
+from . import protocol
+
+ENGINE_ROOT = Path(__file__).resolve().parents[2]  # folder that holds the biomedseg package
+
+
+@dataclass
+class Job:
+    id: int
+    model: str
+    prompts: list[str]
+    volume: Volume
+    state: str = "queued"  # queued, running, done, failed, cancelled
+    stage: str = ""
+    done: int = 0
+    total: int = 0
+    elapsed: float = 0.0
+    eta: float | None = None
+    result: SegmentationResult | None = None
+    error: BiomedSegError | None = None
+    cancel_requested_at: float | None = None
+    cancel_acknowledged: bool = False
+    on_progress: Callable | None = None
+    on_done: Callable | None = None
+    blocks: list = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+
+class WorkerClient:
+    def __init__(self, python: str | None = None, env: dict | None = None, startup_timeout: float = 120.0,
+                 stall_timeout: float = 600.0, cancel_grace: float = 5.0, log_lines: int = 200):
+        self.python = python or os.environ.get("BIOMEDSEG_WORKER_PYTHON") or sys.executable
+        self.env = env
+        self.startup_timeout = startup_timeout
+        self.stall_timeout = stall_timeout
+        self.cancel_grace = cancel_grace
+        self.proc: subprocess.Popen | None = None
+        self.ready = False
+        self.worker_pid: int | None = None
+        self.log = collections.deque(maxlen=log_lines)
+        self._events: queue.Queue = queue.Queue()
+        self._jobs: dict[int, Job] = {}
+        self._ids = itertools.count(1)
+        self._started_at = 0.0
+        self._last_message_at = 0.0
+        self._write_lock = threading.Lock()
+        atexit.register(self.close)
+
+    # ---- process lifecycle ----------------------------------------------------------------
+    def start(self) -> None:
+        if self.alive:
+            return
+        protocol.sweep_stale_blocks()
+        env = dict(os.environ if self.env is None else self.env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENGINE_ROOT), env.get("PYTHONPATH")]))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._events = queue.Queue()
+        self.ready = False
+        self.proc = subprocess.Popen([self.python, "-m", "biomedseg.worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     start_new_session=True)
+        self.worker_pid = self.proc.pid
+        self._started_at = self._last_message_at = time.monotonic()
+        threading.Thread(target=self._read_stdout, args=(self.proc, self._events), daemon=True,
+                         name="biomedseg-worker-out").start()
+        threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True,
+                         name="biomedseg-worker-log").start()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _read_stdout(self, proc, events):
+        for line in proc.stdout:
+            try:
+                events.put(("message", protocol.decode(line)))
+            except protocol.ProtocolError as exc:
+                events.put(("garbage", str(exc)))
+        events.put(("eof", None))
+
+    def _read_stderr(self, proc):
+        for line in proc.stderr:
+            self.log.append(line.decode(errors="replace").rstrip())
+
+    def _kill(self) -> None:
+        """Kill the worker and every process it started."""
+        if self.proc is None:
+            return
+        try:
+            import psutil
+
+            try:
+                parent = psutil.Process(self.proc.pid)
+                victims = parent.children(recursive=True) + [parent]
+            except psutil.NoSuchProcess:
+                victims = []
+            for p in victims:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            self.proc.wait(timeout=5)  # our child: reaped at once
+            # grandchildren are reaped by init; a zombie is as good as gone
+            psutil.wait_procs([p for p in victims if p.pid != self.proc.pid and _running(p)], timeout=1)
+        finally:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                try:
+                    stream.close()
+                except Exception:
+                    pass
+            self.proc = None
+            self.ready = False
+
+    def close(self) -> None:
+        """Stop the worker (politely, then by force) and release every block."""
+        if self.proc is not None:
+            try:
+                self._send({"op": "shutdown"})
+                self.proc.wait(timeout=3)
+            except Exception:
+                pass
+            self._kill()
+        for job in list(self._jobs.values()):
+            if not job.finished:
+                self._finish(job, error=CancelledError("The worker was closed before the job finished."))
+
+    # ---- sending ------------------------------------------------------------------------
+    def _send(self, message: dict) -> None:
+        data = protocol.encode(message)
+        with self._write_lock:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+
+    def submit(self, volume: Volume, model: str, prompts: list[str], *, device: str = "auto",
+               threshold: float | None = None, keep_largest: bool | None = None, fill_holes: bool | None = None,
+               weights: str | None = None, options: dict | None = None, probabilities: bool = False,
+               on_progress: Callable | None = None, on_done: Callable | None = None) -> Job:
+        """Queue a job; returns at once. Volume data is copied once into shared memory."""
+        from ..catalog import check_prompts
+
+        prompts = check_prompts(model, prompts)
+        self.start()
+        job = Job(next(self._ids), model, prompts, volume, on_progress=on_progress, on_done=on_done)
+        try:
+            array = np.ascontiguousarray(volume.array)
+            in_block = protocol.create_block(array.nbytes)
+            job.blocks.append(in_block)
+            np.ndarray(array.shape, array.dtype, buffer=in_block.buf)[...] = array
+            out_shape = (len(prompts),) + volume.shape
+            out_block = protocol.create_block(int(np.prod(out_shape)))
+            job.blocks.append(out_block)
+            message = {"op": "segment", "id": job.id, "model": model, "prompts": prompts,
+                       "name": volume.name, "channels_last": volume.channels_last,
+                       "input": protocol.array_spec(in_block, array.shape, array.dtype),
+                       "ijk_to_ras": volume.ijk_to_ras.ravel().tolist(),
+                       "output": protocol.array_spec(out_block, out_shape, np.uint8),
+                       "device": device, "threshold": threshold, "keep_largest": keep_largest,
+                       "fill_holes": fill_holes, "weights": weights, "options": options or {},
+                       "meta": {k: v for k, v in volume.meta.items() if isinstance(v, (str, int, float))}}
+            job.outputs["output"] = (out_block, out_shape, np.uint8)
+            if probabilities:
+                prob_block = protocol.create_block(int(np.prod(out_shape)) * 4)
+                job.blocks.append(prob_block)
+                message["probabilities"] = protocol.array_spec(prob_block, out_shape, np.float32)
+                job.outputs["probabilities"] = (prob_block, out_shape, np.float32)
+            self._jobs[job.id] = job
+            self._send(message)
+        except BaseException:
+            self._jobs.pop(job.id, None)
+            for block in job.blocks:
+                protocol.release(block)
+            job.blocks.clear()
+            raise
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Ask the worker to stop the job; if it has not stopped within ``cancel_grace``, kill it."""
+        if job.finished or job.cancel_requested_at is not None:
+            return
+        job.cancel_requested_at = time.monotonic()
+        if self.alive:
+            try:
+                self._send({"op": "cancel", "target": job.id})
+            except OSError:
+                pass
+
+    # ---- receiving ------------------------------------------------------------------------
+    def poll(self, timeout: float = 0.0) -> int:
+        """Handle everything the worker said; returns how many events were handled.
+
+        Call it often (QTimer) or with a timeout to wait for the next event.
+        """
+        handled = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, deadline - time.monotonic()) if handled == 0 else 0.0
+            try:
+                kind, payload = self._events.get(timeout=wait) if wait > 0 else self._events.get_nowait()
+            except queue.Empty:
+                break
+            handled += 1
+            self._last_message_at = time.monotonic()
+            if kind == "message":
+                self._handle(payload)
+            elif kind == "garbage":
+                self.log.append(f"[client] unreadable line from worker: {payload}")
+            elif kind == "eof":
+                self._worker_died()
+        self._watchdog()
+        return handled
+
+    def _handle(self, msg: dict) -> None:
+        event = msg.get("event")
+        if event == "ready":
+            self.ready = True
+            return
+        job = self._jobs.get(msg.get("id"))
+        if event == "cancel_ack":
+            target = self._jobs.get(msg.get("target"))
+            if target is not None:
+                target.cancel_acknowledged = True
+            return
+        if job is None:
+            if event == "error":
+                self.log.append(f"[client] worker error without a job: {msg.get('error')}")
+            return
+        if event in ("queued", "progress"):
+            if event == "progress":
+                job.state = "running"
+                job.stage, job.done, job.total = msg["stage"], msg["done"], msg["total"]
+                job.elapsed, job.eta = msg.get("elapsed", 0.0), msg.get("eta")
+            if job.on_progress:
+                job.on_progress(job)
+        elif event == "result":
+            self._finish(job, result=self._collect(job, msg))
+        elif event == "error":
+            self._finish(job, error=error_from_dict(msg.get("error") or {}))
+
+    def _collect(self, job: Job, msg: dict) -> SegmentationResult:
+        """Copy the masks out of shared memory (the one copy back) into Segments."""
+        block, shape, dtype = job.outputs["output"]
+        masks = np.ndarray(shape, dtype, buffer=block.buf)
+        segments = [Segment(s["name"], masks[s["index"]].astype(bool), tuple(s["color"]), s["terminology"],
+                            s.get("label")) for s in msg["segments"]]
+        probs = {}
+        if "probabilities" in job.outputs:
+            pblock, pshape, pdtype = job.outputs["probabilities"]
+            arr = np.ndarray(pshape, pdtype, buffer=pblock.buf)
+            probs = {p: arr[i].copy() for i, p in enumerate(job.prompts)}
+        del masks
+        return SegmentationResult(segments, list(msg.get("absent", [])), job.model, msg.get("device", ""),
+                                  msg.get("device_reason", ""), float(msg.get("seconds", 0.0)), probs)
+
+    def _finish(self, job: Job, result: SegmentationResult | None = None, error: BiomedSegError | None = None):
+        for block in job.blocks:
+            protocol.release(block)
+        job.blocks.clear()
+        job.outputs.clear()
+        if error is not None:
+            job.error = error
+            job.state = "cancelled" if isinstance(error, CancelledError) else "failed"
+        else:
+            job.result = result
+            job.state = "done"
+        self._jobs.pop(job.id, None)
+        if job.on_done:
+            job.on_done(job)
+
+    def _worker_died(self) -> None:
+        code = None
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+        time.sleep(0.05)  # let the log reader catch the last lines
+        tail = "\n".join(list(self.log)[-10:])
+        self._kill()
+        for job in list(self._jobs.values()):
+            if job.cancel_requested_at is not None:
+                self._finish(job, error=CancelledError("Segmentation was cancelled; nothing was written."))
+            else:
+                self._finish(job, error=WorkerCrashedError(
+                    f"The worker process stopped unexpectedly (exit code {code}).",
+                    hint=f"The next request starts a new worker. Last log lines:\n{tail}" if tail
+                    else "The next request starts a new worker."))
+
+    def _watchdog(self) -> None:
+        """Kill a worker that hangs: silent too long, not ready in time, or ignoring a cancel."""
+        if self.proc is None:
+            return
+        now = time.monotonic()
+        active = [j for j in self._jobs.values() if not j.finished]
+        reason = None
+        if not self.ready and now - self._started_at > self.startup_timeout:
+            reason = f"did not start within {self.startup_timeout:.0f} s"
+        elif active and now - self._last_message_at > self.stall_timeout:
+            reason = f"stopped answering for {self.stall_timeout:.0f} s"
+        for job in active:
+            if job.cancel_requested_at is not None and now - job.cancel_requested_at > self.cancel_grace:
+                self._kill()
+                for j in active:
+                    self._finish(j, error=CancelledError(
+                        "Segmentation was cancelled (the worker was stopped to cancel it); nothing was written."))
+                return
+        if reason:
+            tail = "\n".join(list(self.log)[-10:])
+            self._kill()
+            for job in active:
+                self._finish(job, error=WorkerCrashedError(f"The worker {reason} and was stopped.",
+                                                           hint=f"The next request starts a new worker. {tail}"))
+
+    # ---- blocking conveniences -------------------------------------------------------------
+    def wait(self, job: Job, timeout: float | None = None) -> SegmentationResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not job.finished:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job.id} did not finish within {timeout} s")
+            self.poll(timeout=0.1)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def run(self, volume: Volume, model: str, prompts: list[str], timeout: float | None = None,
+            **kwargs) -> SegmentationResult:
+        """Submit and wait (CLI). Ctrl-C cancels the job before re-raising."""
+        job = self.submit(volume, model, prompts, **kwargs)
+        try:
+            return self.wait(job, timeout)
+        except KeyboardInterrupt:
+            self.cancel(job)
+            try:
+                self.wait(job, timeout=self.cancel_grace + 2)
+            except BiomedSegError:
+                pass
+            raise
+
+    def request(self, op: str, timeout: float = 30.0, **fields) -> dict:
+        """Small synchronous requests (ping, status, unload)."""
+        self.start()
+        rid = f"{op}-{next(self._ids)}"
+        self._send({"op": op, "id": rid, **fields})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                kind, payload = self._events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if kind == "message" and payload.get("id") == rid:
+                return payload
+            if kind == "eof":
+                self._worker_died()
+                raise WorkerCrashedError(f"The worker exited while answering '{op}'.")
+            if kind == "message":
+                self._handle(payload)
+        raise TimeoutError(f"worker did not answer '{op}' within {timeout} s")
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+_shared_client: WorkerClient | None = None
+
+
+def shared_client(**kwargs) -> WorkerClient:
+    """One client per process (the panel and the CLI share the warm worker)."""
+    global _shared_client
+    if _shared_client is None:
+        _shared_client = WorkerClient(**kwargs)
+    return _shared_client
+
+
+__all__ = ["Job", "WorkerClient", "shared_client"]

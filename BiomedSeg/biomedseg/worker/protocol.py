@@ -1,0 +1,146 @@
+"""What crosses between the client (Slicer, CLI) and the worker process.
+
+Control messages are single JSON lines (small, human-readable in logs). Voxel data
+never goes through the pipe: the client allocates named shared-memory blocks for the
+input volume and for the output masks, the worker maps them, and the client -- the only
+owner -- unlinks them when the job ends, whatever way it ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import sys
+import threading
+from multiprocessing import shared_memory
+
+import numpy as np
+
+#: A control line larger than this is refused (voxels never travel as JSON).
+MAX_MESSAGE_BYTES = 1 << 20
+#: Shared-memory names: prefix + owner pid, so leftovers of a dead owner can be swept.
+SHM_PREFIX = "bmseg"
+_NAME_RE = re.compile(rf"^{SHM_PREFIX}_(\d+)_[0-9a-f]+$")
+_TRACKER_LOCK = threading.Lock()
+ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64", "bool", "int64",
+                  "uint64", "float16"}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol (answered with a bad_input error)."""
+
+
+def encode(message: dict) -> bytes:
+    data = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    return data + b"\n"
+
+
+def decode(line: bytes | str) -> dict:
+    if len(line) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(line)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    try:
+        message = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"message is not valid JSON ({exc})") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("message must be a JSON object")
+    return message
+
+
+# ---- shared memory ---------------------------------------------------------------------
+
+def new_block_name() -> str:
+    return f"{SHM_PREFIX}_{os.getpid()}_{secrets.token_hex(6)}"
+
+
+def create_block(nbytes: int) -> shared_memory.SharedMemory:
+    """A new block owned by this process (unlink it with ``release``)."""
+    return shared_memory.SharedMemory(name=new_block_name(), create=True, size=max(1, int(nbytes)))
+
+
+def attach_block(name: str) -> shared_memory.SharedMemory:
+    """Map a block someone else owns, without taking ownership.
+
+    Python < 3.13 registers attached blocks with this process's resource tracker, which
+    would unlink them when this process exits; the owner must stay the only one to unlink.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name.lstrip("/")):
+        raise ProtocolError(f"'{name}' is not a BiomedSeg shared-memory block name")
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    # Python 3.11/3.12 (cpython issue 82300): registering would also start a tracker
+    # process here. Skip the registration for this one call.
+    from multiprocessing import resource_tracker
+
+    with _TRACKER_LOCK:
+        register = resource_tracker.register
+        resource_tracker.register = lambda *args, **kwargs: None
+        try:
+            return shared_memory.SharedMemory(name=name)
+        finally:
+            resource_tracker.register = register
+
+
+def release(block: shared_memory.SharedMemory | None, unlink: bool = True) -> None:
+    if block is None:
+        return
+    try:
+        block.close()
+    except BufferError:
+        pass  # a numpy view is still alive; the mapping goes when it is collected
+    if unlink:
+        try:
+            block.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def array_spec(block: shared_memory.SharedMemory, shape, dtype) -> dict:
+    return {"shm": block.name, "shape": [int(s) for s in shape], "dtype": np.dtype(dtype).name}
+
+
+def view(block: shared_memory.SharedMemory, spec: dict) -> np.ndarray:
+    """numpy view of a block described by ``spec``, checked against the block's size."""
+    dtype, shape = check_spec(spec)
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if need > block.size:
+        raise ProtocolError(f"array {shape} {dtype} needs {need} bytes but the block holds {block.size}")
+    return np.ndarray(shape, dtype=dtype, buffer=block.buf)
+
+
+def check_spec(spec) -> tuple[np.dtype, tuple[int, ...]]:
+    if not isinstance(spec, dict) or not {"shm", "shape", "dtype"} <= spec.keys():
+        raise ProtocolError("array description needs 'shm', 'shape' and 'dtype'")
+    if spec["dtype"] not in ALLOWED_DTYPES:
+        raise ProtocolError(f"dtype '{spec['dtype']}' is not allowed")
+    shape = spec["shape"]
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape) or len(shape) > 5:
+        raise ProtocolError(f"shape {shape!r} is not a list of up to 5 non-negative integers")
+    return np.dtype(spec["dtype"]), tuple(shape)
+
+
+def list_blocks() -> list[str]:
+    """Our blocks currently in /dev/shm (Linux); empty where the OS has no such folder."""
+    try:
+        return sorted(n for n in os.listdir("/dev/shm") if _NAME_RE.match(n))
+    except FileNotFoundError:
+        return []
+
+
+def sweep_stale_blocks() -> list[str]:
+    """Unlink blocks whose owner process no longer exists (after a client crash)."""
+    import psutil
+
+    removed = []
+    for name in list_blocks():
+        pid = int(_NAME_RE.match(name).group(1))
+        if not psutil.pid_exists(pid):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed

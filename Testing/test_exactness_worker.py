@@ -1,0 +1,64 @@
+"""The exactness suite through the worker: geometry and voxels survive the process boundary.
+
+Each image file (LPS NRRD and RAS NIfTI, written by independent libraries, for all 48 axis
+permutations/flips plus an oblique grid) is read, sent to a worker process through shared
+memory, segmented there by a backend that marks the patient-space sphere cut by x = 0 *using
+the geometry it received*, sent back, written as .seg.nrrd and read with slicerio. The mask
+must match the sphere evaluated in slicerio's geometry with zero mismatched voxels.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from biomedseg.catalog import load_catalog
+from biomedseg.io import read_volume, write_segmentation
+from biomedseg.segments import Segment
+from biomedseg.worker.client import WorkerClient
+from test_exactness_files import (CENTRE, DIRECTIONS, INPUT_WRITERS, SHAPE_IJK, choose_radius,
+                                  read_seg_nrrd_slicerio, sphere_mask_ijk, truth_affine)
+
+HERE = Path(__file__).parent / "worker_models"
+
+
+@pytest.fixture(scope="module")
+def client():
+    saved = {k: os.environ.get(k) for k in ("BIOMEDSEG_EXTRA_MODELS", "PYTHONPATH")}
+    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(HERE / "test_models.json")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), saved["PYTHONPATH"]]))
+    load_catalog.cache_clear()
+    c = WorkerClient()
+    yield c
+    c.close()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    load_catalog.cache_clear()
+
+
+@pytest.mark.parametrize("writer", ["nrrd_pynrrd_lps", "nifti_nibabel_ras"])
+@pytest.mark.parametrize("name,direction", DIRECTIONS, ids=[n for n, _ in DIRECTIONS])
+def test_sphere_through_worker_lands_on_exact_voxels(client, tmp_path, writer, name, direction):
+    affine = truth_affine(direction)
+    radius = choose_radius(affine, SHAPE_IJK)
+    suffix, write = INPUT_WRITERS[writer]
+    image = tmp_path / f"image{suffix}"
+    rng = np.random.default_rng(0)
+    write(image, rng.integers(0, 200, SHAPE_IJK).astype(np.uint8), affine)
+    volume = read_volume(image)
+    result = client.run(volume, "test-model", ["sphere"], timeout=60,
+                        options={"mode": "sphere", "steps": 1, "centre": CENTRE.tolist(), "radius": radius})
+    (segment,) = result.segments
+    out = tmp_path / "result.seg.nrrd"
+    write_segmentation(out, volume, [Segment("sphere", segment.mask)])
+    ((reader, mask_ijk, ijk_to_ras),) = read_seg_nrrd_slicerio(out)
+    expected = sphere_mask_ijk(ijk_to_ras, mask_ijk.shape, radius=radius)
+    assert expected.any() and (~expected).any()
+    assert int(np.count_nonzero(mask_ijk != expected)) == 0
+    # and on the input file's own grid: the worker's result is the input-space sphere
+    assert np.array_equal(np.transpose(segment.mask, (2, 1, 0)), sphere_mask_ijk(affine, SHAPE_IJK, radius=radius))
