@@ -50,6 +50,12 @@ def small_volume(shape=(12, 14, 16), seed=0) -> Volume:
     return Volume(rng.integers(-1000, 1000, shape, dtype=np.int16), m, name="small")
 
 
+def assert_blocks_only_pooled(client):
+    """No job holds a block and every block on the system is the client's idle pool."""
+    assert client.pool.in_use == {}
+    assert set(protocol.list_blocks()) <= {b.name for b in client.pool.idle}
+
+
 def expected_sphere(volume, centre, radius):
     ras = volume.ras_of_voxels()
     return (np.linalg.norm(ras - np.asarray(centre), axis=-1) < radius) & (ras[..., 0] > 0)
@@ -103,7 +109,7 @@ def test_cancel_mid_run_returns_promptly_and_nothing(client):
     assert job.cancel_acknowledged and job.result is None and job.state == "cancelled"
     # the worker survived the cancel and stays warm
     assert client.request("ping")["pid"] == pid
-    assert protocol.list_blocks() == []
+    assert_blocks_only_pooled(client)
 
 
 def test_cancel_of_uninterruptible_work_kills_worker_and_recovers(client):
@@ -132,7 +138,7 @@ def test_kill_9_mid_run_gives_clear_error_and_next_request_works(client):
     with pytest.raises(WorkerCrashedError, match="exit code -9") as err:
         client.wait(job, timeout=10)
     assert "next request starts a new worker" in err.value.hint
-    assert protocol.list_blocks() == []
+    assert_blocks_only_pooled(client)
     result = client.run(vol, "test-model", ["target"], timeout=60, options={"radius": 5.0})
     assert result.segments[0].mask.any()
 
@@ -296,7 +302,7 @@ def test_hundred_runs_with_cancels_and_kills_leave_nothing_behind():
     finally:
         client.close()
     assert outcomes == {"done": 70, "cancelled": 20, "crashed": 10}
-    assert protocol.list_blocks() == []
+    assert protocol.list_blocks() == []  # the pool is unlinked on close
     time.sleep(0.2)
     leftover = [p for p in me.children(recursive=True) if p.pid not in before_children
                 and p.status() != psutil.STATUS_ZOMBIE and "biomedseg.worker" in " ".join(p.cmdline())]
@@ -323,3 +329,15 @@ def test_stale_blocks_of_dead_owners_are_swept():
         assert stale not in protocol.list_blocks() and live.name in protocol.list_blocks()
     finally:
         protocol.release(live)
+
+
+def test_blocks_are_reused_and_trimmed_pool_is_forgotten_by_worker(client):
+    vol = small_volume()
+    client.run(vol, "test-model", ["target"], timeout=60, options={"radius": 5.0})
+    first = {b.name for b in client.pool.idle}
+    client.run(vol, "test-model", ["target"], timeout=60, options={"radius": 5.0})
+    assert {b.name for b in client.pool.idle} == first  # same blocks, no new pages
+    client.pool.max_idle_bytes = 0  # next give-back trims everything
+    client.run(vol, "test-model", ["target"], timeout=60, options={"radius": 5.0})
+    assert client.pool.idle == [] and protocol.list_blocks() == []
+    assert client.request("ping")["pid"]  # the forget message was accepted

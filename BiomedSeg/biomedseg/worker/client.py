@@ -8,7 +8,8 @@ Qt). ``run()`` is the blocking convenience for the CLI.
 Failure handling: a worker that exits mid-job fails the job with its exit code and last
 log lines, and the next request starts a fresh one; a worker silent for longer than
 ``stall_timeout`` (or not stopping within ``cancel_grace`` of a cancel) is killed with its
-children. Shared-memory blocks belong to the client and are unlinked when the job ends.
+children. Shared-memory blocks belong to the client: reused from job to job (fresh pages
+cost more than the copy), never in use by two jobs, and unlinked when the client closes.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ class WorkerClient:
         self._started_at = 0.0
         self._last_message_at = 0.0
         self._write_lock = threading.Lock()
+        self.pool = protocol.BlockPool()
         atexit.register(self.close)
 
     # ---- process lifecycle ----------------------------------------------------------------
@@ -163,6 +165,7 @@ class WorkerClient:
         for job in list(self._jobs.values()):
             if not job.finished:
                 self._finish(job, error=CancelledError("The worker was closed before the job finished."))
+        self.pool.close()
 
     # ---- sending ------------------------------------------------------------------------
     def _send(self, message: dict) -> None:
@@ -183,11 +186,11 @@ class WorkerClient:
         job = Job(next(self._ids), model, prompts, volume, on_progress=on_progress, on_done=on_done)
         try:
             array = np.ascontiguousarray(volume.array)
-            in_block = protocol.create_block(array.nbytes)
+            in_block = self.pool.acquire(array.nbytes)
             job.blocks.append(in_block)
             np.ndarray(array.shape, array.dtype, buffer=in_block.buf)[...] = array
             out_shape = (len(prompts),) + volume.shape
-            out_block = protocol.create_block(int(np.prod(out_shape)))
+            out_block = self.pool.acquire(int(np.prod(out_shape)))
             job.blocks.append(out_block)
             message = {"op": "segment", "id": job.id, "model": model, "prompts": prompts,
                        "name": volume.name, "channels_last": volume.channels_last,
@@ -199,7 +202,7 @@ class WorkerClient:
                        "meta": {k: v for k, v in volume.meta.items() if isinstance(v, (str, int, float))}}
             job.outputs["output"] = (out_block, out_shape, np.uint8)
             if probabilities:
-                prob_block = protocol.create_block(int(np.prod(out_shape)) * 4)
+                prob_block = self.pool.acquire(int(np.prod(out_shape)) * 4)
                 job.blocks.append(prob_block)
                 message["probabilities"] = protocol.array_spec(prob_block, out_shape, np.float32)
                 job.outputs["probabilities"] = (prob_block, out_shape, np.float32)
@@ -207,9 +210,7 @@ class WorkerClient:
             self._send(message)
         except BaseException:
             self._jobs.pop(job.id, None)
-            for block in job.blocks:
-                protocol.release(block)
-            job.blocks.clear()
+            self._recycle(job.blocks)
             raise
         return job
 
@@ -291,10 +292,20 @@ class WorkerClient:
         return SegmentationResult(segments, list(msg.get("absent", [])), job.model, msg.get("device", ""),
                                   msg.get("device_reason", ""), float(msg.get("seconds", 0.0)), probs)
 
+    def _recycle(self, blocks: list) -> None:
+        """Blocks the worker is done with go back to the pool; trimmed ones are forgotten there too."""
+        removed = []
+        for block in blocks:
+            removed += self.pool.give_back(block)
+        blocks.clear()
+        if removed and self.alive:
+            try:
+                self._send({"op": "forget", "blocks": removed})
+            except OSError:
+                pass
+
     def _finish(self, job: Job, result: SegmentationResult | None = None, error: BiomedSegError | None = None):
-        for block in job.blocks:
-            protocol.release(block)
-        job.blocks.clear()
+        self._recycle(job.blocks)
         job.outputs.clear()
         if error is not None:
             job.error = error
@@ -374,6 +385,21 @@ class WorkerClient:
             except BiomedSegError:
                 pass
             raise
+
+    def echo(self, array: np.ndarray, threshold: float = 0) -> np.ndarray:
+        """Send ``array`` to the worker and get ``array > threshold`` back as uint8 (transport check)."""
+        array = np.ascontiguousarray(array)
+        self.start()
+        blocks = [self.pool.acquire(array.nbytes), self.pool.acquire(array.size)]
+        try:
+            np.ndarray(array.shape, array.dtype, buffer=blocks[0].buf)[...] = array
+            reply = self.request("echo", input=protocol.array_spec(blocks[0], array.shape, array.dtype),
+                                 output=protocol.array_spec(blocks[1], array.shape, np.uint8), threshold=threshold)
+            if reply.get("event") == "error":
+                raise error_from_dict(reply["error"])
+            return np.ndarray(array.shape, np.uint8, buffer=blocks[1].buf).copy()
+        finally:
+            self._recycle(blocks)
 
     def request(self, op: str, timeout: float = 30.0, **fields) -> dict:
         """Small synchronous requests (ping, status, unload)."""

@@ -84,6 +84,77 @@ def attach_block(name: str) -> shared_memory.SharedMemory:
             resource_tracker.register = register
 
 
+class BlockPool:
+    """Client-owned blocks reused from job to job.
+
+    Touching fresh shared pages costs several times the copy itself (page faults on both
+    sides), so blocks go back to the pool after a job instead of being unlinked. Idle
+    blocks beyond ``max_idle_bytes`` are unlinked, oldest first; their names are returned so
+    the worker can be told to drop its mappings.
+    """
+
+    def __init__(self, max_idle_bytes: int | None = None):
+        if max_idle_bytes is None:
+            max_idle_bytes = int(float(os.environ.get("BIOMEDSEG_SHM_POOL_MB", "1024")) * 2**20)
+        self.max_idle_bytes = max_idle_bytes
+        self.idle: list[shared_memory.SharedMemory] = []
+        self.in_use: dict[str, shared_memory.SharedMemory] = {}
+
+    def acquire(self, nbytes: int) -> shared_memory.SharedMemory:
+        nbytes = max(1, int(nbytes))
+        fitting = [b for b in self.idle if nbytes <= b.size <= 2 * nbytes + (1 << 20)]
+        if fitting:
+            block = min(fitting, key=lambda b: b.size)
+            self.idle.remove(block)
+        else:
+            block = create_block(nbytes)
+        self.in_use[block.name] = block
+        return block
+
+    def give_back(self, block: shared_memory.SharedMemory) -> list[str]:
+        self.in_use.pop(block.name, None)
+        self.idle.append(block)
+        removed = []
+        while self.idle and sum(b.size for b in self.idle) > self.max_idle_bytes:
+            oldest = self.idle.pop(0)
+            removed.append(oldest.name)
+            release(oldest)
+        return removed
+
+    def names(self) -> set[str]:
+        return {b.name for b in self.idle} | set(self.in_use)
+
+    def close(self) -> list[str]:
+        names = sorted(self.names())
+        for block in self.idle + list(self.in_use.values()):
+            release(block)
+        self.idle, self.in_use = [], {}
+        return names
+
+
+class AttachedBlocks:
+    """Worker side: mappings of the client's blocks, kept while the client reuses them."""
+
+    def __init__(self, limit: int = 16):
+        self.limit = limit
+        self.blocks: dict[str, shared_memory.SharedMemory] = {}
+
+    def get(self, name: str) -> shared_memory.SharedMemory:
+        block = self.blocks.pop(name, None)
+        if block is None:
+            block = attach_block(name)
+        self.blocks[name] = block  # most recent last
+        while len(self.blocks) > self.limit:
+            release(self.blocks.pop(next(iter(self.blocks))), unlink=False)
+        return block
+
+    def forget(self, names) -> None:
+        for name in names:
+            block = self.blocks.pop(name, None)
+            if block is not None:
+                release(block, unlink=False)
+
+
 def release(block: shared_memory.SharedMemory | None, unlink: bool = True) -> None:
     if block is None:
         return

@@ -33,6 +33,7 @@ class WorkerServer:
         self.jobs: queue.Queue = queue.Queue()
         self.cancel_flags: dict = {}
         self.flags_lock = threading.Lock()
+        self.attached = protocol.AttachedBlocks()
 
     # ---- sending ----------------------------------------------------------------------
     def send(self, message: dict) -> None:
@@ -86,7 +87,7 @@ class WorkerServer:
                 flag.set()
             self.send({"id": job_id, "event": "cancel_ack", "target": message.get("target"),
                        "found": flag is not None})
-        elif op in ("segment", "unload", "status", "shutdown"):
+        elif op in ("segment", "unload", "status", "shutdown", "echo", "echo_file", "forget"):
             if op == "segment":
                 if not isinstance(job_id, (int, str)):
                     raise protocol.ProtocolError("a segment request needs an 'id'")
@@ -114,6 +115,10 @@ class WorkerServer:
 
                     unload_all()
                     self.send({"id": message.get("id"), "event": "unloaded"})
+                elif op == "forget":  # the client unlinked these blocks
+                    self.attached.forget([n for n in message.get("blocks", []) if isinstance(n, str)])
+                elif op in ("echo", "echo_file"):
+                    self.run_echo(message)
                 elif op == "status":
                     from ..inference.runner import warm_models
 
@@ -125,10 +130,9 @@ class WorkerServer:
     def run_segment(self, message: dict) -> None:
         job_id = message["id"]
         flag = self.cancel_flags.get(job_id) or threading.Event()
-        blocks = []
         started = time.monotonic()
         try:
-            volume, outputs, blocks = self._open_job(message)
+            volume, outputs = self._open_job(message)
             last = [0.0]
 
             def progress(stage, done, total):
@@ -160,8 +164,37 @@ class WorkerServer:
                                                    hint="See the worker log; please report it."))
         finally:
             outputs = volume = None
-            for block in blocks:
-                protocol.release(block, unlink=False)
+
+    def run_echo(self, message: dict) -> None:
+        """Transport check: labelmap = input > threshold, through shared memory or files.
+
+        Lets ``bench/transport.py`` (and a user's doctor run) time the process boundary
+        alone, with the same trivial computation in every variant.
+        """
+        job_id = message.get("id")
+        threshold = float(message.get("threshold", 0))
+        try:
+            if message["op"] == "echo_file":
+                import nibabel as nib
+                import numpy as np
+
+                img = nib.load(message["input_path"])
+                labels = (np.asanyarray(img.dataobj) > threshold).astype(np.uint8)
+                nib.save(nib.Nifti1Image(labels, img.affine), message["output_path"])
+            else:
+                import numpy as np
+
+                source = protocol.view(self.attached.get(message["input"]["shm"]), message["input"])
+                target = protocol.view(self.attached.get(message["output"]["shm"]), message["output"])
+                if target.shape != source.shape or target.dtype.name != "uint8":
+                    raise protocol.ProtocolError("echo output must be uint8 with the input's shape")
+                np.greater(source, threshold, out=target.view(bool))
+                del source, target
+            self.send({"id": job_id, "event": "echoed"})
+        except FileNotFoundError as exc:
+            self.send_error(job_id, InputError(f"Rejected echo request: shared-memory block not found ({exc})."))
+        except (KeyError, OSError, protocol.ProtocolError) as exc:
+            self.send_error(job_id, InputError(f"Rejected echo request: {exc}."))
 
     def _open_job(self, message):
         import numpy as np
@@ -177,11 +210,8 @@ class WorkerServer:
         from ..catalog import check_prompts
 
         prompts = message["prompts"] = check_prompts(str(message["model"]), prompts)
-        blocks = []
         try:
-            block = protocol.attach_block(message["input"]["shm"])
-            blocks.append(block)
-            array = protocol.view(block, message["input"])
+            array = protocol.view(self.attached.get(message["input"]["shm"]), message["input"])
             volume = Volume(array, np.asarray(message["ijk_to_ras"], dtype=np.float64).reshape(4, 4),
                             name=str(message.get("name", "")), meta=dict(message.get("meta") or {}),
                             channels_last=bool(message.get("channels_last", False)))
@@ -193,18 +223,10 @@ class WorkerServer:
                 dtype, shape = protocol.check_spec(spec)
                 if shape != (len(prompts),) + volume.shape:
                     raise protocol.ProtocolError(f"'{key}' must have shape {[len(prompts), *volume.shape]}, got {list(shape)}")
-                out_block = protocol.attach_block(spec["shm"])
-                blocks.append(out_block)
-                outputs[key] = protocol.view(out_block, spec)
-            return volume, outputs, blocks
+                outputs[key] = protocol.view(self.attached.get(spec["shm"]), spec)
+            return volume, outputs
         except FileNotFoundError as exc:
-            for b in blocks:
-                protocol.release(b, unlink=False)
             raise protocol.ProtocolError(f"shared-memory block not found ({exc})") from None
-        except Exception:
-            for b in blocks:
-                protocol.release(b, unlink=False)
-            raise
 
     def _segment_with_oom_retry(self, message, volume, progress, cancelled):
         from ..inference.runner import segment
