@@ -150,15 +150,25 @@ def test_crash_inside_model_reports_last_log_lines(client):
     assert client.run(vol, "test-model", ["target"], timeout=60, options={"radius": 5.0}).segments
 
 
-def test_hung_worker_is_killed_with_its_children(client):
+def _gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_hung_worker_is_killed_with_its_children(client, tmp_path):
     client.stall_timeout = 2.0
     vol = small_volume()
-    job = client.submit(vol, "test-model", ["target"], options={"mode": "hang"})
+    pid_file = tmp_path / "child.pid"
+    job = client.submit(vol, "test-model", ["target"], options={"mode": "hang", "child_pid_file": str(pid_file)})
     client.poll(timeout=1.0)
     pid = client.worker_pid
     with pytest.raises(WorkerCrashedError, match="stopped answering"):
         client.wait(job, timeout=15)
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    child = int(pid_file.read_text())
+    time.sleep(0.2)
+    assert _gone(pid) and _gone(child)
     client.stall_timeout = 600
     assert client.run(vol, "test-model", ["target"], timeout=60, options={"radius": 5.0}).segments
 

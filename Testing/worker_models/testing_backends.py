@@ -41,6 +41,11 @@ class TestBackend:
             if mode == "crash" and step == int(options.get("crash_at", 1)):
                 os.kill(os.getpid(), signal.SIGKILL)
             if mode == "hang" and step == 1:
+                import subprocess
+
+                child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+                with open(options["child_pid_file"], "w") as f:
+                    f.write(str(child.pid))
                 time.sleep(3600)
             if mode == "print":
                 print("noise on stdout that must not break the protocol {", flush=True)
