@@ -81,3 +81,14 @@ def test_doctor_reports_torch_and_models(capsys):
     assert report["memory_total_gb"] > 0
     assert main(["doctor"]) == 0
     assert "default_device" in capsys.readouterr().out
+
+
+def test_doctor_checks_the_worker_end_to_end(capsys):
+    assert main(["doctor", "--worker", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["worker"]["shared_memory"] == "ok" and report["worker"]["pid"] > 0
+
+
+def test_doctor_reports_a_broken_worker_python(capsys, tmp_path):
+    assert main(["doctor", "--worker", "--worker-python", str(tmp_path / "no-python")]) == 1
+    assert "worker error" in capsys.readouterr().out

@@ -173,8 +173,32 @@ def doctor_report() -> dict:
     return report
 
 
+def worker_report(python: str | None) -> dict:
+    """Start a worker with ``python`` and check it answers and moves data through shared memory."""
+    import numpy as np
+
+    from .worker.client import WorkerClient
+
+    client = WorkerClient(python=python, startup_timeout=60)
+    try:
+        started = time.perf_counter()
+        pong = client.request("ping", timeout=60)
+        array = np.arange(64 * 64 * 64, dtype=np.int16).reshape(64, 64, 64) - 1000
+        ok = bool(np.array_equal(client.echo(array), (array > 0).astype(np.uint8)))
+        return {"python": client.python, "pid": pong["pid"], "shared_memory": "ok" if ok else "WRONG DATA",
+                "round_trip_s": round(time.perf_counter() - started, 3)}
+    except BiomedSegError as err:
+        return {"python": client.python, "error": str(err)}
+    except (OSError, TimeoutError) as exc:
+        return {"python": client.python, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        client.close()
+
+
 def cmd_doctor(args) -> int:
     report = doctor_report()
+    if args.worker:
+        report["worker"] = worker_report(args.worker_python)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -187,6 +211,11 @@ def cmd_doctor(args) -> int:
     print()
     for model_id, state in report["models"].items():
         print(f"{model_id:>20}: {state['state']} - {state['detail']}")
+    if "worker" in report:
+        print()
+        for key, value in report["worker"].items():
+            print(f"{'worker ' + key:>20}: {value}")
+        return 1 if "error" in report["worker"] else 0
     return 0
 
 
@@ -223,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="report Python, torch, devices, memory and model readiness")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--worker", action="store_true", help="also start a worker and check it end to end")
+    p.add_argument("--worker-python", help="Python executable for the worker to check")
     p.set_defaults(func=cmd_doctor)
     return parser
 

@@ -94,9 +94,14 @@ class WorkerClient:
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._events = queue.Queue()
         self.ready = False
-        self.proc = subprocess.Popen([self.python, "-m", "biomedseg.worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                     start_new_session=True)
+        try:
+            self.proc = subprocess.Popen([self.python, "-m", "biomedseg.worker"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                         start_new_session=True)
+        except OSError as exc:
+            raise WorkerCrashedError(f"The worker could not be started with '{self.python}' ({exc.strerror}).",
+                                     hint="Choose a Python executable that has torch installed "
+                                          "(--worker-python or BIOMEDSEG_WORKER_PYTHON).") from None
         self.worker_pid = self.proc.pid
         self._started_at = self._last_message_at = time.monotonic()
         threading.Thread(target=self._read_stdout, args=(self.proc, self._events), daemon=True,
