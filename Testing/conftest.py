@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+#: The authors' reference outputs live in the shared folder beside the repository
+#: (CI clones the repo next to shared/); BIOMEDSEG_PARITY_DIR overrides.
+PARITY_DIR = Path(os.environ.get("BIOMEDSEG_PARITY_DIR")
+                  or Path(__file__).resolve().parents[2] / "shared" / "parity")
+
 COLIN = Path("/usr/share/mricron/templates/ch2.nii.gz")
 COLIN_BET = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 
