@@ -1,6 +1,7 @@
 """Shared fixtures: real data nobody in this project made (see shared/research/real-data.md)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,9 @@ PARITY_DIR = Path(os.environ.get("BIOMEDSEG_PARITY_DIR")
 
 COLIN = Path("/usr/share/mricron/templates/ch2.nii.gz")
 COLIN_BET = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
+
+#: The controllable test backend the worker tests register (see worker_test_models).
+WORKER_MODELS = Path(__file__).parent / "worker_models"
 
 
 def require_file(path: Path, how: str) -> Path:
@@ -48,3 +52,46 @@ def ct_chest_path() -> Path:
     import slicerio
 
     return Path(slicerio.__file__).parent / "data" / "CTChest4.nrrd"
+
+
+@contextlib.contextmanager
+def mrml_scene():
+    """A vtkMRMLScene with Slicer's default colour tables and segmentation converter rules, as in the application."""
+    import slicer
+
+    from biomedseg import slicer_bridge as sb
+
+    sb.ensure_converter_rules()
+    scene = slicer.vtkMRMLScene()
+    color_logic = slicer.vtkMRMLColorLogic()
+    color_logic.SetMRMLScene(scene)
+    try:
+        yield scene
+    finally:
+        color_logic.SetMRMLScene(None)
+        scene.Clear(1)
+
+
+@contextlib.contextmanager
+def worker_test_models():
+    """Register the controllable test backend in this process and in the workers it starts.
+
+    Points BIOMEDSEG_EXTRA_MODELS at worker_models/test_models.json and puts worker_models/ on
+    PYTHONPATH (inherited by worker processes); both variables are restored on exit. The model
+    catalog cache is cleared on entry and exit so it is re-read with the current environment.
+    """
+    from biomedseg.catalog import load_catalog
+
+    saved = {k: os.environ.get(k) for k in ("BIOMEDSEG_EXTRA_MODELS", "PYTHONPATH")}
+    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(WORKER_MODELS / "test_models.json")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKER_MODELS), saved["PYTHONPATH"]]))
+    load_catalog.cache_clear()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        load_catalog.cache_clear()

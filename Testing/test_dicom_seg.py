@@ -25,21 +25,13 @@ from biomedseg.errors import InputError  # noqa: E402
 from biomedseg.io import read_volume, write_segmentation  # noqa: E402
 from biomedseg.segments import Segment  # noqa: E402
 from biomedseg.volume import Volume, to_sitk  # noqa: E402
+from geometry_cases import rotation  # noqa: E402
 
 CT_CHEST = Path(slicerio.__file__).parent / "data" / "CTChest4.nrrd"
 SEGMENT_NAMES = ["liver", "left kidney", "blob of interest", "tumor"]
 
 
 # ---- a real CT as a DICOM series ------------------------------------------------------------
-
-def _rotation(axis, degrees):
-    a = np.radians(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [x for x in range(3) if x != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
 
 def chest_ct(variant: str) -> tuple[np.ndarray, np.ndarray]:
     """Cropped CTChest4 HU as (k, j, i) int16 and its ijk->LPS matrix for a test geometry.
@@ -64,7 +56,7 @@ def chest_ct(variant: str) -> tuple[np.ndarray, np.ndarray]:
         hu = hu[:, ::-1, ::-1].copy()
     elif variant == "oblique-flipped":
         centre = (m @ [*(np.array(hu.shape[::-1]) - 1) / 2, 1])[:3]
-        rot = _rotation(2, 20) @ _rotation(0, 15)
+        rot = rotation((0, 0, 1), 20) @ rotation((1, 0, 0), 15)
         m[:3, :3] = rot @ m[:3, :3]
         m[:3, 3] = centre + rot @ (m[:3, 3] - centre)
     else:

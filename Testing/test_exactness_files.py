@@ -11,7 +11,6 @@ zero mismatched voxels are allowed.
 """
 from __future__ import annotations
 
-import itertools
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import slicerio  # noqa: E402
 from biomedseg.io import read_volume, write_segmentation, write_volume  # noqa: E402
 from biomedseg.volume import LPS_TO_RAS  # noqa: E402
 from conftest import require_tool  # noqa: E402
+from geometry_cases import DIRECTIONS, rotation  # noqa: E402
 
 SHAPE_IJK = (13, 16, 18)
 SPACING_IJK = np.array([1.05, 0.85, 0.75])
@@ -44,30 +44,6 @@ RADIUS = 6.0
 MARGIN_MM = 0.002
 #: Geometry read back must agree with the written one this closely (float32 headers).
 GEOMETRY_ATOL = 1e-3
-
-
-def rotation(axis, degrees):
-    axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
-    a = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
-
-
-def _directions():
-    out = []
-    for perm in itertools.permutations(range(3)):
-        for signs in itertools.product((1.0, -1.0), repeat=3):
-            d = np.zeros((3, 3))
-            for col, (row, sign) in enumerate(zip(perm, signs)):
-                d[row, col] = sign
-            out.append((f"p{''.join(map(str, perm))}{''.join('+' if s > 0 else '-' for s in signs)}", d))
-    oblique = rotation([1.0, 2.0, 3.0], 22.0) @ np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], dtype=np.float64)
-    out.append(("oblique", oblique))
-    return out
-
-
-DIRECTIONS = _directions()
-assert len(DIRECTIONS) == 49
 
 
 # ---- geometry helpers (independent of biomedseg) ---------------------------------------------

@@ -10,8 +10,6 @@ not a single voxel may differ.
 """
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
@@ -21,32 +19,14 @@ sitk = pytest.importorskip("SimpleITK")
 
 from biomedseg import slicer_bridge as sb  # noqa: E402
 from biomedseg.volume import LPS_TO_RAS, Volume  # noqa: E402
+from conftest import mrml_scene  # noqa: E402
+from geometry_cases import DIRECTIONS  # noqa: E402
 
 DIMS_IJK = (14, 17, 19)
 SPACING = (0.9, 1.3, 2.1)
 CENTRE = np.array([1.37, -12.61, 27.43])  # RAS point the sphere is centred on (x near 0: the plane cuts it)
 RADIUS = 6.0
 MARGIN = 1e-3  # no voxel centre may lie closer than this (mm) to either boundary
-
-
-def signed_permutations():
-    for perm in itertools.permutations(range(3)):
-        for signs in itertools.product((1, -1), repeat=3):
-            d = np.zeros((3, 3))
-            for col, (row, sign) in enumerate(zip(perm, signs)):
-                d[row, col] = sign
-            yield f"{''.join('xyz'[p] for p in perm)}{''.join('+' if s > 0 else '-' for s in signs)}", d
-
-
-def oblique():
-    axis = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
-    a = np.radians(23.0)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
-
-
-DIRECTIONS = dict(signed_permutations())
-DIRECTIONS["oblique"] = oblique()
 
 
 def inside(ras: np.ndarray) -> np.ndarray:
@@ -83,18 +63,13 @@ def make_volume(direction: np.ndarray) -> Volume:
 
 @pytest.fixture(scope="module")
 def scene():
-    sb.ensure_converter_rules()
-    scene = slicer.vtkMRMLScene()
-    color_logic = slicer.vtkMRMLColorLogic()
-    color_logic.SetMRMLScene(scene)
-    yield scene
-    color_logic.SetMRMLScene(None)
-    scene.Clear(1)
+    with mrml_scene() as scene:
+        yield scene
 
 
-@pytest.mark.parametrize("orientation", list(DIRECTIONS))
-def test_patient_space_mask_survives_slicer_storage(scene, orientation, tmp_path):
-    volume = make_volume(DIRECTIONS[orientation])
+@pytest.mark.parametrize("name,direction", DIRECTIONS, ids=[n for n, _ in DIRECTIONS])
+def test_patient_space_mask_survives_slicer_storage(scene, name, direction, tmp_path):
+    volume = make_volume(direction)
     truth = inside(volume.ras_of_voxels())
     assert 50 < truth.sum() < truth.size // 2 and margin(volume.ras_of_voxels()) > MARGIN
     volume_node = sb.node_from_volume(scene, volume)

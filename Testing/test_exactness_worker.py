@@ -8,37 +8,24 @@ must match the sphere evaluated in slicerio's geometry with zero mismatched voxe
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from biomedseg.catalog import load_catalog
 from biomedseg.io import read_volume, write_segmentation
 from biomedseg.segments import Segment
 from biomedseg.worker.client import WorkerClient
-from test_exactness_files import (CENTRE, DIRECTIONS, INPUT_WRITERS, SHAPE_IJK, choose_radius,
-                                  read_seg_nrrd_slicerio, sphere_mask_ijk, truth_affine)
-
-HERE = Path(__file__).parent / "worker_models"
+from conftest import worker_test_models
+from geometry_cases import DIRECTIONS
+from test_exactness_files import (CENTRE, INPUT_WRITERS, SHAPE_IJK, choose_radius, read_seg_nrrd_slicerio,
+                                  sphere_mask_ijk, truth_affine)
 
 
 @pytest.fixture(scope="module")
 def client():
-    saved = {k: os.environ.get(k) for k in ("BIOMEDSEG_EXTRA_MODELS", "PYTHONPATH")}
-    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(HERE / "test_models.json")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), saved["PYTHONPATH"]]))
-    load_catalog.cache_clear()
-    c = WorkerClient()
-    yield c
-    c.close()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    load_catalog.cache_clear()
+    with worker_test_models():
+        c = WorkerClient()
+        yield c
+        c.close()
 
 
 @pytest.mark.parametrize("writer", ["nrrd_pynrrd_lps", "nifti_nibabel_ras"])

@@ -18,16 +18,10 @@ from biomedseg import slicer_bridge as sb  # noqa: E402
 from biomedseg.errors import InputError  # noqa: E402
 from biomedseg.segments import Segment  # noqa: E402
 from biomedseg.volume import LPS_TO_RAS, Volume  # noqa: E402
+from conftest import mrml_scene  # noqa: E402
+from geometry_cases import rotation  # noqa: E402
 
 SHAPE = (7, 9, 11)  # (k, j, i)
-
-
-def rotation(axis, degrees) -> np.ndarray:
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    a = np.radians(degrees)
-    x, y, z = axis
-    k = np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
 
 
 def affine(direction, spacing, origin) -> np.ndarray:
@@ -48,13 +42,8 @@ ORIENTATIONS = {
 @pytest.fixture
 def scene():
     """A scene with Slicer's default colour tables, as in the application."""
-    sb.ensure_converter_rules()
-    scene = slicer.vtkMRMLScene()
-    color_logic = slicer.vtkMRMLColorLogic()
-    color_logic.SetMRMLScene(scene)
-    yield scene
-    color_logic.SetMRMLScene(None)
-    scene.Clear(1)
+    with mrml_scene() as scene:
+        yield scene
 
 
 @pytest.fixture

@@ -18,35 +18,10 @@ from biomedseg.errors import InputError  # noqa: E402
 from biomedseg.volume import (  # noqa: E402
     LPS_TO_RAS, PATIENT_DIRECTIONS, SLICE_PLANES, Volume, from_nibabel, from_nrrd,
     from_sitk, nrrd_header, to_nibabel, to_sitk)
+from geometry_cases import DIRECTIONS, OBLIQUE, rotation  # noqa: E402
 
 SPACING_IJK = np.array([0.7, 1.3, 2.9])
 ORIGIN = np.array([-12.25, 31.5, -7.125])
-
-
-def rotation(axis, degrees):
-    """Rodrigues rotation matrix about ``axis``."""
-    axis = np.asarray(axis, dtype=np.float64)
-    axis = axis / np.linalg.norm(axis)
-    a = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
-
-
-def signed_permutations():
-    """All 48 direction matrices whose columns are +-unit RAS axes."""
-    out = []
-    for perm in itertools.permutations(range(3)):
-        for signs in itertools.product((1.0, -1.0), repeat=3):
-            d = np.zeros((3, 3))
-            for col, (row, sign) in enumerate(zip(perm, signs)):
-                d[row, col] = sign
-            out.append((f"perm{''.join(map(str, perm))}_sign{''.join('+' if s > 0 else '-' for s in signs)}", d))
-    return out
-
-
-#: An oblique direction: a signed permutation tilted by 22 degrees about a skew axis.
-OBLIQUE = rotation([1.0, 2.0, 3.0], 22.0) @ np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], dtype=np.float64)
-DIRECTIONS = signed_permutations() + [("oblique", OBLIQUE)]
 
 
 def affine(direction, spacing=SPACING_IJK, origin=ORIGIN):

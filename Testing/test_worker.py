@@ -6,35 +6,23 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 
-from biomedseg.catalog import load_catalog
 from biomedseg.errors import BiomedSegError, CancelledError, InputError, OutOfMemoryError, WorkerCrashedError
 from biomedseg.volume import Volume
 from biomedseg.worker import protocol
 from biomedseg.worker.client import WorkerClient
-
-HERE = Path(__file__).parent / "worker_models"
+from conftest import worker_test_models
 
 
 @pytest.fixture(scope="module", autouse=True)
 def test_models():
     """Register the controllable test backend in this process and in the workers it starts."""
-    saved = {k: os.environ.get(k) for k in ("BIOMEDSEG_EXTRA_MODELS", "PYTHONPATH")}
-    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(HERE / "test_models.json")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), saved["PYTHONPATH"]]))
-    load_catalog.cache_clear()
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    load_catalog.cache_clear()
+    with worker_test_models():
+        yield
 
 
 @pytest.fixture

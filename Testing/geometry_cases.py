@@ -1,0 +1,35 @@
+"""Direction matrices the geometry tests run through: every axis permutation and flip plus an oblique grid."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def rotation(axis, degrees) -> np.ndarray:
+    """Rodrigues rotation matrix about the vector ``axis`` (right-handed, ``degrees``)."""
+    axis = np.asarray(axis, dtype=np.float64)
+    axis = axis / np.linalg.norm(axis)
+    a = np.deg2rad(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
+
+
+def signed_permutations() -> list[tuple[str, np.ndarray]]:
+    """All 48 direction matrices whose columns are +-unit RAS axes, as (name, matrix)."""
+    out = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            d = np.zeros((3, 3))
+            for col, (row, sign) in enumerate(zip(perm, signs)):
+                d[row, col] = sign
+            out.append((f"perm{''.join(map(str, perm))}_sign{''.join('+' if s > 0 else '-' for s in signs)}", d))
+    return out
+
+
+#: An oblique direction: a signed permutation tilted by 22 degrees about a skew axis.
+OBLIQUE = rotation([1.0, 2.0, 3.0], 22.0) @ np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], dtype=np.float64)
+
+#: The 48 signed permutations followed by ("oblique", OBLIQUE): 49 (name, matrix) cases.
+DIRECTIONS = signed_permutations() + [("oblique", OBLIQUE)]
+assert len(DIRECTIONS) == 49
