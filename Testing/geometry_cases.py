@@ -33,3 +33,24 @@ OBLIQUE = rotation([1.0, 2.0, 3.0], 22.0) @ np.array([[0, 0, -1], [1, 0, 0], [0,
 #: The 48 signed permutations followed by ("oblique", OBLIQUE): 49 (name, matrix) cases.
 DIRECTIONS = signed_permutations() + [("oblique", OBLIQUE)]
 assert len(DIRECTIONS) == 49
+
+
+def reoriented(volume, perm, flips):
+    """The same physical image stored with its (k, j, i) array axes permuted by ``perm`` and
+    flipped where ``flips`` says; returns it and a function mapping its arrays back."""
+    from biomedseg.volume import Volume
+
+    flip_axes = [a for a, f in enumerate(flips) if f]
+    array = np.flip(np.transpose(volume.array, perm), axis=flip_axes)
+    old_of_new = np.zeros((4, 4))
+    old_of_new[3, 3] = 1
+    for new_axis, old_axis in enumerate(perm):
+        new_i, old_i = 2 - new_axis, 2 - old_axis
+        old_of_new[old_i, new_i] = -1 if flips[new_axis] else 1
+        if flips[new_axis]:
+            old_of_new[old_i, 3] = volume.shape[old_axis] - 1
+
+    def back(mask):
+        return np.transpose(np.flip(mask, axis=flip_axes), np.argsort(perm))
+
+    return Volume(np.ascontiguousarray(array), volume.ijk_to_ras @ old_of_new, name="reoriented"), back

@@ -6,6 +6,7 @@ from biomedseg.errors import CancelledError, InputError
 from biomedseg.inference.runner import segment
 from biomedseg.io import read_volume
 from biomedseg.volume import Volume
+from geometry_cases import reoriented
 
 
 def dice(a, b):
@@ -31,35 +32,9 @@ def test_brain_dice_against_bet(colin_result, colin_bet_path):
     assert brain.terminology["type"][1] == "12738006"  # SNOMED CT: Brain
 
 
-def _reoriented(volume: Volume, perm, flips) -> tuple[Volume, callable]:
-    """The same physical image stored with permuted/flipped array axes (and its inverse)."""
-    arr = np.transpose(volume.array, perm)
-    arr = np.flip(arr, axis=[a for a, f in enumerate(flips) if f])
-    # build the new ijk->ras: new index along axis a maps to old index along perm[a]
-    n_old = volume.shape
-    m = np.zeros((4, 4))
-    m[3, 3] = 1
-    old_ijk_of_new = np.zeros((4, 4))
-    old_ijk_of_new[3, 3] = 1
-    for new_axis_kji, old_axis_kji in enumerate(perm):
-        new_i, old_i = 2 - new_axis_kji, 2 - old_axis_kji
-        if flips[new_axis_kji]:
-            old_ijk_of_new[old_i, new_i] = -1
-            old_ijk_of_new[old_i, 3] = n_old[old_axis_kji] - 1
-        else:
-            old_ijk_of_new[old_i, new_i] = 1
-    m = volume.ijk_to_ras @ old_ijk_of_new
-
-    def back(mask):
-        out = np.flip(mask, axis=[a for a, f in enumerate(flips) if f])
-        return np.transpose(out, np.argsort(perm))
-
-    return Volume(np.ascontiguousarray(arr), m, name="reoriented"), back
-
-
 @pytest.mark.parametrize("perm,flips", [((2, 0, 1), (True, False, False)), ((1, 2, 0), (False, True, True))])
 def test_result_follows_patient_space_not_array_order(colin, colin_result, perm, flips):
-    vol, back = _reoriented(colin, perm, flips)
+    vol, back = reoriented(colin, perm, flips)
     # sanity: the same RAS point holds the same intensity in both storages
     for ijk in ([3, 5, 7], [90, 100, 80], [150, 20, 170]):
         ras = vol.ijk_to_ras @ (ijk + [1])

@@ -8,7 +8,7 @@ import torch
 from biomedseg.errors import CancelledError, InputError
 from biomedseg.inference.slicewise import FeatureCache, crop_for_roi, run_slicewise
 from biomedseg.io import read_volume
-from biomedseg.volume import Volume
+from geometry_cases import reoriented
 
 
 class QuadrantModel:
@@ -36,22 +36,6 @@ class QuadrantModel:
 @pytest.fixture(scope="module")
 def chest(ct_chest_path):
     return read_volume(ct_chest_path)
-
-
-def reoriented(volume: Volume, perm, flips):
-    """Same physical image, array axes permuted/flipped; returns it and the way back."""
-    arr = np.transpose(volume.array, perm)
-    flip_axes = [a for a, f in enumerate(flips) if f]
-    arr = np.flip(arr, axis=flip_axes)
-    old_of_new = np.zeros((4, 4))
-    old_of_new[3, 3] = 1
-    for new_axis, old_axis in enumerate(perm):
-        new_i, old_i = 2 - new_axis, 2 - old_axis
-        old_of_new[old_i, new_i] = -1 if flips[new_axis] else 1
-        if flips[new_axis]:
-            old_of_new[old_i, 3] = volume.shape[old_axis] - 1
-    back = lambda m: np.transpose(np.flip(m, axis=flip_axes), np.argsort(perm))  # noqa: E731
-    return Volume(np.ascontiguousarray(arr), volume.ijk_to_ras @ old_of_new, name="re"), back
 
 
 def test_axial_top_left_is_anterior_right(chest):
