@@ -1,0 +1,130 @@
+"""Reading ``biomedparse_v1.pt`` into the re-implementation's exact parameter names.
+
+The released file is a flat state dict of the authors' ``GeneralizedSEEM`` (no prefix; some
+exports add ``model.``). It also stores tensors this engine never uses; they are removed by
+name from the explicit lists below and reported, never dropped silently:
+* the BiomedBERT built next to the CLIP text encoder (``...lang_encoder.biomed_encoder.*``),
+* ``dilation_kernel`` (training), and the spatial/visual prompt tensors of the decoder.
+Everything else must match the model's names and shapes one to one, or a
+``CheckpointMismatchError`` lists what is missing, unexpected or mis-shaped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from ...errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Prefixes of checkpoint entries with no counterpart in this engine (unused BERT).
+UNUSED_PREFIXES = ("sem_seg_head.predictor.lang_encoder.biomed_encoder.",)
+#: Exact names of checkpoint entries used only for training or spatial/visual prompts.
+UNUSED_KEYS = (
+    "dilation_kernel",
+    "sem_seg_head.predictor.pn_indicator.weight",
+    "sem_seg_head.predictor.mask_sptial_embed.0",
+    "sem_seg_head.predictor.mask_sptial_embed.1",
+    "sem_seg_head.predictor.mask_sptial_embed.2",
+    "sem_seg_head.predictor.spatial_embed.weight",
+    "sem_seg_head.predictor.spatial_featured.weight",
+)
+PREFIXES_TO_STRIP = ("model.", "module.")
+
+
+class CheckpointMismatchError(InputError):
+    """The weights file does not hold the tensors this model needs (wrong file or version)."""
+
+
+def is_unused_key(name: str) -> bool:
+    return name in UNUSED_KEYS or name.startswith(UNUSED_PREFIXES)
+
+
+@dataclass
+class Partition:
+    kept: dict
+    dropped: list = field(default_factory=list)
+
+
+def strip_prefix(state: dict) -> dict:
+    """Remove a wrapper prefix ('model.' or 'module.') when every key carries it."""
+    for prefix in PREFIXES_TO_STRIP:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def partition_checkpoint(state: dict) -> Partition:
+    """Split a checkpoint into the tensors the engine uses and the listed unused ones."""
+    kept, dropped = {}, []
+    for k, v in state.items():
+        if is_unused_key(k):
+            dropped.append(k)
+        else:
+            kept[k] = v
+    return Partition(kept, dropped)
+
+
+def check_against(state: dict, expected: dict) -> None:
+    """Raise ``CheckpointMismatchError`` unless names and shapes match ``expected`` {name: shape} exactly."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+                   for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
+    if not (missing or unexpected or wrong):
+        return
+
+    def show(items):
+        return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {show(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatch(es): {show(wrong)}")
+    raise CheckpointMismatchError(
+        "The BiomedParse v1 weights do not match the model: " + "; ".join(parts) + ".",
+        hint="Use the original biomedparse_v1.pt from microsoft/BiomedParse.")
+
+
+def expected_shapes() -> dict:
+    """{name: shape} of every tensor of ``BiomedParseV1`` (built on the meta device, no memory)."""
+    import torch
+
+    from .model import BiomedParseV1
+
+    with torch.device("meta"):
+        model = BiomedParseV1()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def load_state_dict_from_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load ``path`` (``torch.load(weights_only=True)``) and return the state dict ``BiomedParseV1`` loads strictly.
+
+    Unused entries (``UNUSED_PREFIXES``/``UNUSED_KEYS``) are removed and logged; anything else
+    that does not match raises ``CheckpointMismatchError``.
+    """
+    import torch
+
+    try:
+        state = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable or unsafe pickle
+        raise CheckpointMismatchError(f"Could not read BiomedParse v1 weights from {path}: {exc}") from exc
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    elif isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointMismatchError(f"{path} is not a state dict of tensors.")
+    part = partition_checkpoint(strip_prefix(state))
+    if part.dropped:
+        n_bert = sum(k.startswith(UNUSED_PREFIXES) for k in part.dropped)
+        log.info("BiomedParse v1: ignoring %d unused checkpoint entries (%d of the unused BiomedBERT; %s)",
+                 len(part.dropped), n_bert, ", ".join(k for k in part.dropped if k in UNUSED_KEYS))
+    check_against(part.kept, expected_shapes())
+    return part.kept
