@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 EXTRAS="${1:-worker}"
 APT_PACKAGES=(mricron-data)
 if [ "$EXTRAS" = "test" ]; then APT_PACKAGES+=(dicom3tools teem-apps nifti-bin); fi
+# Qt (PySide6) offscreen for the panel tests and scripts/render_panel.py: GL/EGL, fonts, xkb, glib, dbus.
+if [ "$EXTRAS" = "test" ]; then
+  APT_PACKAGES+=(libgl1 libegl1 libfontconfig1 libxkbcommon0 libglib2.0-0 libdbus-1-3 fonts-dejavu-core)
+fi
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -601,6 +601,80 @@ def segments_of(segmentation_node) -> list[dict]:
     return out
 
 
+# ---- panel helpers -------------------------------------------------------------------------
+
+def new_segmentation_node(scene, name: str, reference_node=None):
+    """A new, empty segmentation node shown in the views, pointing at ``reference_node``'s grid."""
+    import slicer
+
+    ensure_converter_rules()
+    node = slicer.vtkMRMLSegmentationNode()
+    node.SetName(scene.GenerateUniqueName(name))
+    scene.AddNode(node)
+    node.CreateDefaultDisplayNodes()
+    if reference_node is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    return node
+
+
+def show_segmentation(segmentation_node, show_3d: bool = True) -> None:
+    """Show the segments in the slice views, and as surfaces in 3D when ``show_3d``."""
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    display = segmentation_node.GetDisplayNode()
+    display.SetVisibility(True)
+    display.SetVisibility2D(True)
+    display.SetVisibility3D(bool(show_3d))
+    if show_3d:
+        segmentation_node.CreateClosedSurfaceRepresentation()
+
+
+def roi_ras_bounds(roi_node) -> tuple[list[float], list[float]]:
+    """(min, max) RAS corners of the axis-aligned box around a markups ROI, in world coordinates.
+
+    A rotated ROI gives the box that contains it, so nothing inside the ROI is left out.
+    """
+    bounds = [0.0] * 6
+    roi_node.GetRASBounds(bounds)
+    if bounds[1] < bounds[0] or bounds[3] < bounds[2] or bounds[5] < bounds[4]:
+        raise InputError(f"The region of interest '{_node_label(roi_node)}' has no size; place it on the image first.")
+    return [bounds[0], bounds[2], bounds[4]], [bounds[1], bounds[3], bounds[5]]
+
+
+def dicom_files_of(node, lookup=None) -> list[str]:
+    """The DICOM files a volume node was loaded from ([] when it was not loaded from DICOM).
+
+    ``lookup(instance_uid) -> path`` defaults to Slicer's DICOM database; files that cannot be
+    found make the whole answer [] (a partial series cannot be referenced).
+    """
+    import slicer
+
+    uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids:
+        return []
+    if lookup is None:
+        database = getattr(slicer, "dicomDatabase", None)
+        if database is None:
+            return []
+        lookup = database.fileForInstance
+    files = [lookup(uid) for uid in uids]
+    return [str(f) for f in files] if all(files) and all(os.path.isfile(str(f)) for f in files) else []
+
+
+def segments_from_node(segmentation_node, reference, segment_ids: list[str] | None = None) -> list[Segment]:
+    """Segments of a node as engine ``Segment``s on ``reference``'s grid (for the file writers)."""
+    volume = _reference_volume(reference)
+    infos = segments_of(segmentation_node)
+    if segment_ids is not None:
+        wanted = set(segment_ids)
+        infos = [info for info in infos if info["id"] in wanted]
+    if not infos:
+        raise InputError(f"'{_node_label(segmentation_node)}' has no segments to export.")
+    return [Segment(info["name"], segment_mask(segmentation_node, info["id"], volume), info["color"],
+                    info["terminology"]) for info in infos]
+
+
 __all__ = ["volume_from_node", "node_from_volume", "write_segments", "undo_segments", "segment_mask",
            "segment_labelmap", "export_to_labelmap_node", "save_segmentation", "load_segmentation", "segments_of",
-           "ensure_converter_rules", "reference_geometry_parameter"]
+           "ensure_converter_rules", "reference_geometry_parameter", "new_segmentation_node", "show_segmentation",
+           "roi_ras_bounds", "dicom_files_of", "segments_from_node"]

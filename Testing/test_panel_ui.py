@@ -1,0 +1,277 @@
+"""The Slicer panel's .ui against the code that uses it, with PySide6 offscreen (no Slicer).
+
+- the .ui loads with QUiLoader and stand-ins for Slicer's qMRML/ctk widgets;
+- every ``self.ui.<name>`` that BiomedSeg.py uses exists in the .ui with a class that
+  has the methods and signals the code relies on (by name: *Button, *ComboBox, *Selector...);
+- every widget tagged with SlicerParameterName names a field of the parameter node, with a
+  widget class Slicer's parameterNodeWrapper can connect to that field's type, and every
+  Choice default is one of its choices;
+- node selectors accept the node class the parameter node declares;
+- signal handlers named in connect() calls exist;
+- scripts/render_panel.py renders the panel to a PNG.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+try:
+    import PySide6.QtUiTools  # noqa: F401
+except ImportError:
+    if os.environ.get("CI"):
+        raise  # CI installs the test extras, PySide6-Essentials among them
+    pytest.skip("PySide6 is not installed (pip install PySide6-Essentials)", allow_module_level=True)
+
+from qt_standins import UI_FILE, load_ui  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "BiomedSeg" / "BiomedSeg.py"
+
+#: Name endings -> .ui classes a widget with that name may have.
+CLASS_BY_SUFFIX = {
+    "CollapsibleButton": {"ctkCollapsibleButton"},
+    "Button": {"QPushButton", "QToolButton"},
+    "ComboBox": {"QComboBox"},
+    "Selector": {"qMRMLNodeComboBox"},
+    "Label": {"QLabel"},
+    "SpinBox": {"QSpinBox", "QDoubleSpinBox"},
+    "CheckBox": {"QCheckBox"},
+    "PathLineEdit": {"ctkPathLineEdit"},
+    "LineEdit": {"QLineEdit"},
+    "ListWidget": {"QListWidget"},
+    "ProgressBar": {"QProgressBar"},
+    "progressBar": {"QProgressBar"},
+}
+
+
+@pytest.fixture(scope="module")
+def ui_classes() -> dict[str, str]:
+    """objectName -> class as the .ui declares it (for every widget)."""
+    tree = ET.parse(UI_FILE)
+    names = {}
+    for w in tree.iter("widget"):
+        assert w.get("name") not in names, f"widget name {w.get('name')} is used twice in the .ui"
+        names[w.get("name")] = w.get("class")
+    return names
+
+
+@pytest.fixture(scope="module")
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE.read_text())
+
+
+@pytest.fixture(scope="module")
+def panel():
+    widget, error = load_ui()
+    assert widget is not None and not error, error
+    yield widget
+    widget.deleteLater()
+
+
+def used_ui_names(tree: ast.Module) -> set[str]:
+    """Every X in ``self.ui.X`` in BiomedSeg.py."""
+    out = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+            out.add(node.attr)
+    return out
+
+
+def parameter_fields(tree: ast.Module) -> dict[str, ast.AnnAssign]:
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "BiomedSegParameterNode")
+    assert any(isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in cls.decorator_list)
+    return {n.target.id: n for n in cls.body if isinstance(n, ast.AnnAssign)}
+
+
+class _Annotated:
+    def __class_getitem__(cls, items):
+        return ("Annotated", items[0], items[1:])
+
+
+def evaluate_annotation(node: ast.AnnAssign):
+    """(base type name, choices or None, range or None) of a parameter node field."""
+    sys.path.insert(0, str(ROOT / "BiomedSeg"))
+    from biomedseg import panel_logic
+
+    namespace = {"Annotated": _Annotated, "panel_logic": panel_logic, "str": "str", "int": "int", "float": "float",
+                 "bool": "bool", "Choice": lambda c: ("Choice", list(c)), "WithinRange": lambda a, b: ("Range", a, b)}
+    source = ast.unparse(node.annotation)
+    if source.startswith("vtkMRML"):
+        return source, None, None
+    value = eval(source, namespace)  # our own module's annotation, with stand-ins for Slicer's helpers
+    if isinstance(value, str):
+        return value, None, None
+    _, base, extras = value
+    choices = next((e[1] for e in extras if e[0] == "Choice"), None)
+    bounds = next((e[1:] for e in extras if e[0] == "Range"), None)
+    return base, choices, bounds
+
+
+def test_ui_loads_offscreen_with_standins(panel):
+    from PySide6.QtWidgets import QWidget
+
+    assert panel.objectName() == "BiomedSeg"
+    assert len(panel.findChildren(QWidget)) > 50
+
+
+def test_every_widget_the_module_uses_exists_with_a_sensible_class(module_tree, ui_classes, panel):
+    from PySide6.QtWidgets import QWidget
+
+    used = used_ui_names(module_tree)
+    assert len(used) > 30, used
+    missing = sorted(n for n in used if n not in ui_classes)
+    assert not missing, f"BiomedSeg.py uses widgets the .ui lacks: {missing}"
+    for name in sorted(used):
+        suffix = next((s for s in sorted(CLASS_BY_SUFFIX, key=len, reverse=True) if name.endswith(s)), None)
+        assert suffix is not None, f"{name}: name does not say what kind of widget it is"
+        assert ui_classes[name] in CLASS_BY_SUFFIX[suffix], f"{name} is a {ui_classes[name]}"
+        assert panel.findChild(QWidget, name) is not None, f"{name} was not created by QUiLoader"
+
+
+def test_methods_called_on_widgets_exist_on_their_qt_classes(module_tree, ui_classes):
+    """``self.ui.x.method(...)`` calls name methods the real Qt class has (stand-ins checked for ctk/qMRML)."""
+    from PySide6 import QtWidgets
+
+    import qt_standins
+
+    slicer_only = {"qMRMLNodeComboBox": {"setMRMLScene", "currentNode", "setCurrentNode"},
+                   "ctkPathLineEdit": {"currentPath", "filters"}}
+    for node in ast.walk(module_tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        target = node.func.value
+        if not (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute)
+                and target.value.attr == "ui"):
+            continue
+        name, method = target.attr, node.func.attr
+        cls_name = ui_classes[name]
+        if method == "connect":
+            continue
+        cls = getattr(QtWidgets, cls_name, None) or getattr(qt_standins, cls_name)
+        assert hasattr(cls, method) or method in slicer_only.get(cls_name, ()), f"{name}.{method}() on {cls_name}"
+
+
+def test_properties_set_on_widgets_are_qt_properties(module_tree, ui_classes):
+    """``self.ui.x.prop = value`` must name a real Qt property: in Slicer (PythonQt) a wrong name
+    would silently become a plain Python attribute and change nothing on screen."""
+    from PySide6 import QtWidgets
+
+    import qt_standins
+
+    slicer_only = {"ctkPathLineEdit": {"filters"}}
+    assigned = 0
+    for node in ast.walk(module_tree):
+        if not isinstance(node, ast.Assign):
+            continue
+        for target in node.targets:
+            if not (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute)
+                    and isinstance(target.value.value, ast.Attribute) and target.value.value.attr == "ui"):
+                continue
+            name, prop = target.value.attr, target.attr
+            cls_name = ui_classes[name]
+            cls = getattr(QtWidgets, cls_name, None) or getattr(qt_standins, cls_name)
+            assigned += 1
+            assert cls.staticMetaObject.indexOfProperty(prop) >= 0 or prop in slicer_only.get(cls_name, ()), \
+                f"{name}.{prop} is not a property of {cls_name}"
+    assert assigned > 20
+
+
+def test_connected_signals_exist_and_handlers_are_defined(module_tree, ui_classes):
+    from PySide6 import QtWidgets
+
+    widget_cls = next(n for n in module_tree.body if isinstance(n, ast.ClassDef) and n.name == "BiomedSegWidget")
+    methods = {n.name for n in widget_cls.body if isinstance(n, ast.FunctionDef)}
+    for node in ast.walk(widget_cls):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"):
+            continue
+        target = node.func.value
+        if not (isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute)
+                and target.value.attr == "ui"):
+            continue
+        signal = node.args[0].value.split("(")[0]
+        handler = node.args[1]
+        cls_name = ui_classes[target.attr]
+        if cls_name in ("qMRMLNodeComboBox",):
+            assert signal == "currentNodeChanged", signal
+        elif cls_name == "ctkPathLineEdit":
+            assert signal == "currentPathChanged", signal
+        else:
+            assert hasattr(getattr(QtWidgets, cls_name), signal), f"{target.attr} has no signal {signal}"
+        if isinstance(handler, ast.Attribute) and isinstance(handler.value, ast.Name) and handler.value.id == "self":
+            assert handler.attr in methods, f"handler {handler.attr} is not defined"
+
+
+def test_parameter_node_fields_match_tagged_widgets(module_tree, panel):
+    from PySide6.QtWidgets import QWidget
+
+    fields = parameter_fields(module_tree)
+    connectable = {"str": {"QLineEdit", "QTextEdit"}, "int": {"QSpinBox", "QSlider"},
+                   "float": {"QDoubleSpinBox", "ctkSliderWidget"}, "bool": {"QCheckBox", "QPushButton"}}
+    tagged = {}
+    for widget in panel.findChildren(QWidget):
+        name = widget.property("SlicerParameterName")
+        if name:
+            assert name not in tagged, f"parameter {name} is tagged on two widgets"
+            tagged[name] = widget
+    assert {"inputVolume", "prompts", "outputSegmentation", "threshold", "device", "writeMode"} <= set(tagged)
+    for name, widget in tagged.items():
+        assert name in fields, f"{widget.objectName()} is tagged '{name}', which the parameter node lacks"
+        base, choices, bounds = evaluate_annotation(fields[name])
+        cls = type(widget).__name__
+        if base.startswith("vtkMRML"):
+            assert cls == "qMRMLNodeComboBox", (name, cls)
+            assert widget.property("nodeTypes") == [base], (name, widget.property("nodeTypes"))
+        elif choices is not None:
+            assert cls == "QComboBox", (name, cls)
+        else:
+            assert cls in connectable[base], (name, base, cls)
+            if cls in ("QSlider", "ctkSliderWidget"):
+                assert bounds is not None, f"{name}: sliders need WithinRange"
+
+
+def test_parameter_defaults_are_valid(module_tree):
+    from biomedseg import panel_logic
+
+    fields = parameter_fields(module_tree)
+    for name, node in fields.items():
+        base, choices, bounds = evaluate_annotation(node)
+        if node.value is None:
+            assert base.startswith("vtkMRML"), f"{name} has no default"
+            continue
+        default = ast.literal_eval(node.value)
+        if choices is not None:
+            assert default in choices, (name, default, choices)
+        if bounds is not None:
+            assert bounds[0] <= default <= bounds[1], (name, default, bounds)
+    assert ast.literal_eval(fields["model"].value) == panel_logic.default_model_id()
+
+
+def test_module_file_keeps_engine_logic_out_of_slicer_imports():
+    """BiomedSeg.py stays a view: it never imports torch, and the controller never imports slicer."""
+    source = MODULE.read_text()
+    assert "import torch" not in source
+    engine = (ROOT / "BiomedSeg" / "biomedseg" / "panel_logic.py").read_text()
+    tree = ast.parse(engine)
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    assert not imported & {"slicer", "torch", "qt", "vtk", "ctk", "PySide6"}, imported
+
+
+def test_render_script_writes_the_panel_png(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import render_panel
+
+    out = render_panel.render(tmp_path / "panel.png")
+    from PySide6.QtGui import QImage
+
+    image = QImage(str(out))
+    assert image.width() >= 400 and image.height() >= 700
+    colours = {image.pixel(x, y) for x in range(0, image.width(), 7) for y in range(0, image.height(), 7)}
+    assert len(colours) > 20  # drawn widgets, not a blank page
