@@ -45,8 +45,36 @@ def test_biomedparse_targets_come_from_model_card():
 
 
 def test_models_without_backend_say_so():
-    state = get_model("hermes").state()
+    state = ModelEntry({**get_model("hermes").data, "backend": None}).state()
     assert state["ready"] is False and "not available" in state["state"]
+
+
+def test_hermes_vocabulary_comes_from_its_targets_provider(monkeypatch):
+    monkeypatch.delenv("BIOMEDSEG_WEIGHTS_DIR", raising=False)
+    entry = get_model("hermes")
+    assert entry.targets_provider == "biomedseg.models.hermes.tasks:catalog_targets"
+    assert set(entry.target_table()) == set(entry.modalities)
+    assert {"liver", "left kidney", "spleen", "pancreas"} <= set(entry.targets("CT", "abdomen"))
+    assert "gray matter" in entry.targets("MRI-T1") and entry.targets("PET") == ["lesion"]
+    state = entry.state()  # wired, but the user must bring the weights
+    assert state["state"] == "weights missing" and "--weights" in state["detail"]
+
+
+def test_prompt_check_refuses_unknown_prompts_with_close_matches():
+    from biomedseg.catalog import check_prompts
+
+    assert check_prompts("hermes", ["Liver", " left  kidney ", "liver", "IVC"]) == ["Liver", "left kidney", "IVC"]
+    with pytest.raises(InputError, match="no task for 'spleeen'.*Did you mean: spleen"):
+        check_prompts("hermes", ["liver", "spleeen"])
+
+
+def test_schema_checks_provider_paths():
+    data = json.loads(_resource_text("models.json"))
+    bad = copy.deepcopy(data)
+    hermes = next(m for m in bad["models"] if m["id"] == "hermes")
+    hermes["targets_provider"] = "not a module path"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_catalog(bad)
 
 
 def test_unknown_model_lists_known_ones():

@@ -2,7 +2,10 @@
 
 The data lives in ``resources/models.json`` (checked against ``models.schema.json``) so
 the panel, the CLI and the worker agree on one list. Nothing here imports torch or model
-code; the state of a model on this machine is found by looking, not by loading.
+code; the state of a model on this machine is found by looking, not by loading. A model
+with a large fixed vocabulary may name torch-free functions instead of listing it:
+``targets_provider`` (returns the {modality: {site: [prompt]}} table) and
+``prompt_check`` (raises InputError for prompts it cannot do, before anything loads).
 """
 from __future__ import annotations
 
@@ -33,12 +36,18 @@ class ModelEntry:
     def weights(self) -> dict:
         return self.data["weights"]
 
-    def targets(self, modality: str | None = None, site: str | None = None) -> list[str]:
-        """Recommended prompts, for one modality/site or all of them (sorted, unique)."""
+    def target_table(self) -> dict:
+        """{modality: {site: [prompt, ...]}} from ``targets``, ``targets_file`` or ``targets_provider``."""
         table = self.data.get("targets")
         if table is None and self.data.get("targets_file"):
             table = json.loads(_resource_text(self.data["targets_file"]))["targets"]
-        table = table or {}
+        if table is None and self.data.get("targets_provider"):
+            table = _provided_targets(self.data["targets_provider"])
+        return table or {}
+
+    def targets(self, modality: str | None = None, site: str | None = None) -> list[str]:
+        """Recommended prompts, for one modality/site or all of them (sorted, unique)."""
+        table = self.target_table()
         names = set()
         for mod, sites in table.items():
             if modality and mod.lower() != modality.lower():
@@ -66,6 +75,17 @@ class ModelEntry:
             return {"ready": False, "state": "weights to download" if self.weights["source"] == "hub"
                     else "weights missing", "detail": weights["detail"]}
         return {"ready": True, "state": "ready", "detail": weights["detail"]}
+
+
+def _call(path: str, *args):
+    """Call a torch-free 'package.module:function' named by the catalogue."""
+    module_name, _, func = path.partition(":")
+    return getattr(importlib.import_module(module_name), func)(*args)
+
+
+@lru_cache(maxsize=None)
+def _provided_targets(path: str) -> dict:
+    return _call(path)
 
 
 def _resource_text(name: str) -> str:
@@ -124,7 +144,9 @@ def check_prompts(model_id: str, prompts: list[str]) -> list[str]:
         suggestions = ", ".join(entry.targets()[:8])
         raise InputError(f"No prompt given for model '{model_id}'.",
                          hint=f"Try: {suggestions}." if suggestions else None)
-    if entry.prompt_kind == "fixed":
+    if entry.data.get("prompt_check"):  # the model's own vocabulary check (synonyms, close matches)
+        _call(entry.data["prompt_check"], cleaned)
+    elif entry.prompt_kind == "fixed":
         known = entry.targets()
         for p in cleaned:
             if p.lower() not in {k.lower() for k in known}:

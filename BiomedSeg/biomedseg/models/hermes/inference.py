@@ -249,9 +249,11 @@ def predict_on_volume(net, volume, task_ids: Sequence[int], modality_id: int, *,
                       **kwargs) -> np.ndarray:
     """Whole pipeline on an engine Volume: the authors' preprocessing, ``predict_volume``
     (keyword arguments pass through), and trilinear resampling of the probabilities back
-    onto the volume's own grid. Returns (T, k, j, i) float32 in [0, 1]."""
+    onto the volume's own grid. Returns (T, k, j, i) float32 in [0, 1]. Short axes are
+    padded to the window size (the authors' 128 by default)."""
     from .preprocess import preprocess_volume, to_input_grid
 
-    prepared = preprocess_volume(volume, modality_id, scheme=scheme)
+    window = kwargs.get("window", WINDOW)
+    prepared = preprocess_volume(volume, modality_id, scheme=scheme, min_size=max(window))
     prob = predict_volume(net, prepared.array, task_ids, modality_id, **kwargs)
     return np.clip(to_input_grid(prob, prepared), 0.0, 1.0)

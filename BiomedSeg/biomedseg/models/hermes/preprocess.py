@@ -184,8 +184,11 @@ def pad_to_size(array: np.ndarray, size: int = MIN_SIZE) -> tuple[np.ndarray, tu
     return array, pads
 
 
-def preprocess_image(image, modality_id: int, *, scheme: str = "two_step", keep_stages: bool = False) -> Prepared:
-    """Steps 1-4 on a 3D SimpleITK image (LPS geometry, any pixel type)."""
+def preprocess_image(image, modality_id: int, *, scheme: str = "two_step", keep_stages: bool = False,
+                     min_size: int = MIN_SIZE) -> Prepared:
+    """Steps 1-4 on a 3D SimpleITK image (LPS geometry, any pixel type). ``min_size`` is
+    the padding target of step 4 (the authors' 128, the window size; smaller only for
+    smaller windows)."""
     import SimpleITK as sitk
 
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
@@ -201,7 +204,7 @@ def preprocess_image(image, modality_id: int, *, scheme: str = "two_step", keep_
     arr, mean, std, clip = normalise(sitk.GetArrayFromImage(resampled), intensity_kind(modality_id))
     if keep_stages:
         stages["clip_zscore"] = arr.copy()
-    padded, pads = pad_to_size(arr)
+    padded, pads = pad_to_size(arr, min_size)
     if keep_stages:
         stages["padded"] = padded
     return Prepared(np.ascontiguousarray(padded, dtype=np.float32), pads, Geometry.of(resampled), source, redirect,

@@ -287,3 +287,33 @@ def task_ids(prompts, modality=None) -> list[int]:
         if m.task_id not in out:
             out.append(m.task_id)
     return out
+
+
+#: Where each training dataset belongs in the catalogue's (modality, site) table. AMOS-MR
+#: was trained as "unknown MR" (modality -1), so it is listed under both T1 and T2.
+_CATALOG_PLACES = {
+    "amos_ct": (("CT", "abdomen"),), "bcv": (("CT", "abdomen"),), "lits": (("CT", "abdomen"),),
+    "kits": (("CT", "abdomen"),), "structseg_oar": (("CT", "thorax"),),
+    "structseg_head_oar": (("CT", "head and neck"),),
+    "chaos": (("MRI-T1", "abdomen"), ("MRI-T2", "abdomen")),
+    "amos_mr": (("MRI-T1", "abdomen"), ("MRI-T2", "abdomen")),
+    "brain_structure": (("MRI-T1", "brain"),),
+    "mnm": (("MRI-cine", "heart"),),
+    "autopet": (("PET", "whole body"),),
+}
+
+
+def catalog_targets() -> dict:
+    """{modality: {site: [prompt, ...]}} for the model catalogue (its ``targets_provider``):
+    every concept under the modality and body site of the datasets that taught it."""
+    table: dict[str, dict[str, set]] = {}
+    for task in tasks():
+        for modality, site in _CATALOG_PLACES.get(task.dataset, ()):
+            table.setdefault(modality, {}).setdefault(site, set()).add(_concept_of(task.name))
+    return {m: {s: sorted(names) for s, names in sites.items()} for m, sites in table.items()}
+
+
+def check_prompts(prompts) -> None:
+    """The catalogue's ``prompt_check``: raise InputError (with close matches) for every
+    prompt that maps to no task, before any model is loaded."""
+    resolve_prompts(list(prompts))
