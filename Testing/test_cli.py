@@ -92,3 +92,17 @@ def test_doctor_checks_the_worker_end_to_end(capsys):
 def test_doctor_reports_a_broken_worker_python(capsys, tmp_path):
     assert main(["doctor", "--worker", "--worker-python", str(tmp_path / "no-python")]) == 1
     assert "worker error" in capsys.readouterr().out
+
+
+def test_model_options_from_the_command_line():
+    from biomedseg.cli import build_parser, model_options
+
+    args = build_parser().parse_args(["segment", "in.nii.gz", "--prompt", "liver", "-o", "o.seg.nrrd",
+                                      "--modality", "CT", "--site", "abdomen", "--plane", "coronal",
+                                      "--slice-range", "3", "9", "--batch-size", "4",
+                                      "--option", "joint=true", "--option", "engine=monai"])
+    assert model_options(args) == {"modality": "CT", "site": "abdomen", "plane": "coronal", "batch_size": 4,
+                                   "slice_range": [3, 9], "joint": True, "engine": "monai"}
+    bad = build_parser().parse_args(["segment", "x", "-o", "o.seg.nrrd", "--option", "novalue"])
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        model_options(bad)

@@ -82,6 +82,25 @@ class _ProgressBar:
             self.bar.close()
 
 
+def model_options(args) -> dict:
+    """Options passed through to the model backend (each backend documents the ones it reads)."""
+    options = {}
+    for key in ("modality", "site", "plane", "batch_size"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    if args.slice_range is not None:
+        options["slice_range"] = list(args.slice_range)
+    for item in args.option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--option '{item}' must look like KEY=VALUE.")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
 def cmd_segment(args) -> int:
     from .io import read_volume, write_segmentation
     from .io.writers import SEGMENTATION_SUFFIXES
@@ -102,7 +121,7 @@ def cmd_segment(args) -> int:
     log(f"read {volume}")
     bar = _ProgressBar(enabled=not args.quiet)
     run_options = dict(device=args.device, threshold=args.threshold, keep_largest=args.largest,
-                       fill_holes=args.fill_holes, weights=args.weights)
+                       fill_holes=args.fill_holes, weights=args.weights, options=model_options(args))
     try:
         if args.in_process:
             result = segment(volume, args.model, prompts, progress=bar, **run_options)
@@ -242,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,
                    help="fill holes inside each segment (model default when not given)")
     p.add_argument("--weights", help="local weights file or folder instead of the catalogue's source")
+    p.add_argument("--modality", help="image modality for the model (e.g. CT, MRI, MRI-T1); guessed from DICOM "
+                                      "tags and intensities when not given")
+    p.add_argument("--site", help="anatomic site (e.g. abdomen, head), for models with site-specific preprocessing")
+    p.add_argument("--plane", choices=["axial", "coronal", "sagittal"],
+                   help="slice plane for 2D (slice-wise) models (default axial)")
+    p.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                   help="only slices FIRST..LAST (array indices along the slicing axis) for 2D models")
+    p.add_argument("--batch-size", type=int, help="slices or windows per model call (default: chosen from free memory)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="any other backend option (value parsed as JSON when possible); repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--in-process", action="store_true",
                    help="run the model in this process instead of the background worker (debugging)")
