@@ -41,16 +41,21 @@ class PValue:
 def mask_p_value(img: np.ndarray, mask: np.ndarray, modality_type: str, target: str,
                  target_dist: dict | str | os.PathLike) -> PValue:
     """``img`` uint8 RGB [H,W,3] model image, ``mask`` = probabilities * 255 on the same grid."""
-    from scipy import stats
-
     dist = target_dist if isinstance(target_dist, dict) else load_target_dist(target_dist)
     if modality_type not in dist:
         raise ValueError(f"Unknown modality type {modality_type!r}; known: {sorted(dist)}")
     if target not in dist[modality_type]:
         raise ValueError(f"Unknown target {target!r} for {modality_type}; known: {sorted(dist[modality_type])}")
     ms = mask_stats(np.asarray(mask), np.asarray(img))
-    ps = [float(stats.ks_1samp([ms[i]], stats.beta(a, b).cdf).pvalue)
-          for i, (a, b) in enumerate(dist[modality_type][target])]
+    return p_value_of_stats(ms, dist[modality_type][target])
+
+
+def p_value_of_stats(ms, params) -> PValue:
+    """The test itself, on the four statistics of ``mask_stats`` and their [[a, b] x 4] Beta parameters
+    (for callers that compute the statistics elsewhere, e.g. on the GPU)."""
+    from scipy import stats
+
+    ps = [float(stats.ks_1samp([ms[i]], stats.beta(a, b).cdf).pvalue) for i, (a, b) in enumerate(params)]
     return PValue(p_value=float(np.prod(ps) ** 0.25), ks_pvalues=ps, mask_stats=[float(v) for v in ms])
 
 
