@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +27,31 @@ def require_file(path: Path, how: str) -> Path:
             pytest.fail(f"{path} is missing in CI; .ci/run must install it ({how})")
         pytest.skip(f"{path} not installed ({how})")
     return path
+
+
+def parity_file(relative: str) -> Path:
+    """A file of the authors' reference outputs under PARITY_DIR (missing: fail in CI, skip elsewhere)."""
+    return require_file(PARITY_DIR / relative, "shared/parity beside the repository, or set BIOMEDSEG_PARITY_DIR")
+
+
+def load_detweights():
+    """shared/parity/detweights.py as a module: the deterministic name-keyed weights of the fixtures."""
+    spec = importlib.util.spec_from_file_location("detweights", parity_file("detweights.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def require_bpe_vocab() -> Path:
+    """CLIP's BPE vocabulary from the open_clip_torch wheel (setup.sh installs it for the tests)."""
+    from biomedseg.models.biomedparse.tokenizer import find_bpe_vocab
+
+    try:
+        return find_bpe_vocab()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CLIP BPE vocabulary missing in CI: {exc}")
+        pytest.skip(str(exc))
 
 
 def require_tool(name: str, how: str) -> str:

@@ -15,6 +15,14 @@ def rotation(axis, degrees) -> np.ndarray:
     return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
 
 
+def affine(direction, spacing, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
+    """ijk->RAS 4x4 from a direction matrix (columns = axis directions), spacing per axis and origin."""
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(direction, float) * np.asarray(spacing, float)
+    m[:3, 3] = origin
+    return m
+
+
 def signed_permutations() -> list[tuple[str, np.ndarray]]:
     """All 48 direction matrices whose columns are +-unit RAS axes, as (name, matrix)."""
     out = []

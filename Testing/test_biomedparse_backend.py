@@ -11,10 +11,10 @@ check runs the authors' 1024x1024 fixture slice through the backend.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,27 +24,16 @@ torch = pytest.importorskip("torch")
 from biomedseg.errors import InputError, WeightsMissingError  # noqa: E402
 from biomedseg.volume import Volume  # noqa: E402
 
-from conftest import PARITY_DIR  # noqa: E402
-from geometry_cases import reoriented, rotation  # noqa: E402
+from conftest import PARITY_DIR, load_detweights, parity_file, require_bpe_vocab  # noqa: E402
+from geometry_cases import affine, reoriented, rotation  # noqa: E402
 
 BP = PARITY_DIR / "biomedparse_v1"
 SMALL = {"image_size": 128, "p_value": 0}
 LPS = np.diag([-1.0, -1.0, 1.0])
 
 
-def _require(path):
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing in CI (BiomedParse parity fixtures; set BIOMEDSEG_PARITY_DIR)")
-        pytest.skip(f"{path} not available")
-    return path
-
-
-def affine(direction, spacing, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(direction, float) * np.asarray(spacing, float)
-    m[:3, 3] = origin
-    return m
+def _require(path: Path) -> Path:
+    return parity_file(str(path.relative_to(PARITY_DIR)))
 
 
 def ct_volume(shape=(4, 36, 44), seed=0, direction=LPS, spacing=(0.8, 0.9, 2.5)) -> Volume:
@@ -82,17 +71,9 @@ def offline():
 def weights_dir(tmp_path_factory):
     """biomedparse_v1.pt with deterministic weights (no BERT entries) and the authors' target_dist.json."""
     from biomedseg.models.biomedparse.checkpoint import expected_shapes
-    from biomedseg.models.biomedparse.tokenizer import find_bpe_vocab
 
-    try:
-        find_bpe_vocab()
-    except FileNotFoundError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CLIP BPE vocabulary missing in CI: {exc}")
-        pytest.skip(str(exc))
-    spec = importlib.util.spec_from_file_location("detweights", _require(PARITY_DIR / "detweights.py"))
-    detweights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(detweights)
+    require_bpe_vocab()
+    detweights = load_detweights()
     folder = tmp_path_factory.mktemp("biomedparse")
     torch.save(detweights.det_state_dict(expected_shapes()), folder / "biomedparse_v1.pt")
     shutil.copy(_require(BP / "target_dist.json"), folder / "target_dist.json")

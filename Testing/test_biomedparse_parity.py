@@ -10,9 +10,7 @@ The tokenizer reads CLIP's BPE merges from the open_clip_torch wheel's data
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +18,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import PARITY_DIR as PARITY  # noqa: E402
+from conftest import load_detweights, parity_file, require_bpe_vocab  # noqa: E402
 
-BP = PARITY / "biomedparse_v1"
 PROMPTS = ["liver", "left kidney", "COVID-19 infection"]
 MODALITY = {"liver": "CT-Abdomen", "left kidney": "CT-Abdomen", "COVID-19 infection": "CT-Chest"}
 
@@ -42,12 +39,7 @@ PROB_ATOL = 4e-4
 
 
 def _fixture(name: str) -> Path:
-    path = BP / name
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing in CI (BiomedParse parity fixtures; set BIOMEDSEG_PARITY_DIR)")
-        pytest.skip(f"{path} not available (BiomedParse parity fixtures)")
-    return path
+    return parity_file(f"biomedparse_v1/{name}")
 
 
 def _assert_close(name, actual, expected, atol):
@@ -80,10 +72,7 @@ def expected():
 
 @pytest.fixture(scope="module")
 def detweights():
-    spec = importlib.util.spec_from_file_location("detweights", _fixture("../detweights.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_detweights()
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +101,9 @@ def model(det_state):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from biomedseg.models.biomedparse.tokenizer import ClipTokenizer, find_bpe_vocab
+    from biomedseg.models.biomedparse.tokenizer import ClipTokenizer
 
-    try:
-        find_bpe_vocab()
-    except FileNotFoundError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CLIP BPE vocabulary missing in CI: {exc}")
-        pytest.skip(str(exc))
+    require_bpe_vocab()
     return ClipTokenizer()
 
 

@@ -11,7 +11,6 @@ bright sphere defined in patient space must come back as the same sphere.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -24,41 +23,21 @@ torch = pytest.importorskip("torch")
 from biomedseg.errors import CancelledError, InputError, OutOfMemoryError, WeightsMissingError  # noqa: E402
 from biomedseg.volume import Volume  # noqa: E402
 
-from conftest import PARITY_DIR  # noqa: E402
-
-
-def _rotation(axis, degrees) -> np.ndarray:
-    axis = np.asarray(axis, float) / np.linalg.norm(axis)
-    a = np.deg2rad(degrees)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * (k @ k)
+from conftest import load_detweights  # noqa: E402
+from geometry_cases import affine, rotation  # noqa: E402
 
 
 #: Directions (columns: RAS unit vectors of the i, j, k axes).
 LPS = np.diag([-1.0, -1.0, 1.0])  # what a plain DICOM / ITK file gives
 LPS_PERMUTED = np.array([[0.0, 0, -1], [-1, 0, 0], [0, -1, 0]])  # i -> P, j -> I, k -> L
-OBLIQUE = _rotation([1.0, 2.0, 3.0], 22.0) @ LPS_PERMUTED
-
-
-def affine(direction, spacing, origin) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(direction, float) * np.asarray(spacing, float)
-    m[:3, 3] = origin
-    return m
+OBLIQUE = rotation([1.0, 2.0, 3.0], 22.0) @ LPS_PERMUTED
 
 
 # ---- fixtures -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A Hermes-R checkpoint in the authors' training format, deterministic weights."""
-    path = PARITY_DIR / "detweights.py"
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing in CI (set BIOMEDSEG_PARITY_DIR)")
-        pytest.skip(f"{path} not available")
-    spec = importlib.util.spec_from_file_location("detweights", path)
-    detweights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(detweights)
+    detweights = load_detweights()
     from biomedseg.models.hermes.network import build_hermes_r
 
     net = build_hermes_r()

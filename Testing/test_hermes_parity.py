@@ -8,7 +8,6 @@ Set BIOMEDSEG_PARITY_DIR to point elsewhere; HERMES_FULL_PARITY=1 adds the full
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from biomedseg.errors import CancelledError, InputError  # noqa: E402
 
-from conftest import PARITY_DIR as PARITY  # noqa: E402
+from conftest import PARITY_DIR as PARITY, load_detweights, parity_file  # noqa: E402
 HERMES = PARITY / "hermes"
 LOGIT_TOL = dict(atol=1e-4, rtol=1e-5)
 PROB_ATOL = 2e-5
@@ -29,21 +28,12 @@ FUSION_LAYERS = ("prior_init_fuse_2", "prior_init_fuse_3", "prior_init_fuse_4", 
 
 
 def _fixture(name: str) -> Path:
-    path = HERMES / name
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing in CI (Hermes parity fixtures; set BIOMEDSEG_PARITY_DIR)")
-        pytest.skip(f"{path} not available (Hermes parity fixtures)")
-    return path
+    return parity_file(f"hermes/{name}")
 
 
 @pytest.fixture(scope="module")
 def detweights():
-    path = _fixture("../detweights.py")
-    spec = importlib.util.spec_from_file_location("detweights", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_detweights()
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,9 @@ from biomedseg.errors import InputError  # noqa: E402
 from biomedseg.segments import Segment  # noqa: E402
 from biomedseg.volume import LPS_TO_RAS, Volume  # noqa: E402
 from conftest import mrml_scene  # noqa: E402
-from geometry_cases import rotation  # noqa: E402
+from geometry_cases import affine, rotation  # noqa: E402
 
 SHAPE = (7, 9, 11)  # (k, j, i)
-
-
-def affine(direction, spacing, origin) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(direction, float) * np.asarray(spacing, float)
-    m[:3, 3] = origin
-    return m
 
 
 ORIENTATIONS = {

@@ -30,10 +30,8 @@ Usage: python bench/biomedparse.py [--device auto|cpu|cuda] [--size S] [--slices
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
@@ -41,8 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "BiomedSeg"))
+from common import load_detweights  # noqa: E402  (also puts the engine on sys.path)
 
 from biomedseg.volume import Volume  # noqa: E402
 
@@ -69,14 +66,6 @@ def synthetic_ct(n_slices: int, rows: int, seed: int = 0) -> Volume:
         out[z] = (plane + rng.normal(0, 15, plane.shape)).astype(np.int16)
     affine = np.diag([-0.75 * 512 / rows, -0.75 * 512 / rows, 2.5, 1.0])
     return Volume(out, affine, name="synthetic CT", meta={"modality": "CT", "body_part": "ABDOMEN"})
-
-
-def load_detweights():
-    parity = Path(os.environ.get("BIOMEDSEG_PARITY_DIR") or ROOT.parent / "shared" / "parity")
-    spec = importlib.util.spec_from_file_location("detweights", parity / "detweights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class PeakMemory:

@@ -26,18 +26,14 @@ Usage: python bench/hermes.py [--device auto|cpu|cuda] [--size 1.0] [--windows N
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "BiomedSeg"))
+from common import load_detweights  # noqa: E402  (also puts the engine on sys.path)
 
 from biomedseg.errors import CancelledError  # noqa: E402
 from biomedseg.volume import Volume  # noqa: E402
@@ -68,14 +64,6 @@ def synthetic_ct(shape_kji, spacing_ijk, seed=0) -> Volume:
         out[z] = sl + rng.normal(0, 20, (j, i)).astype(np.int16)
     affine = np.diag([-spacing_ijk[0], -spacing_ijk[1], spacing_ijk[2], 1.0])  # LPS-stored, as DICOM gives it
     return Volume(out, affine, name="synthetic CT", meta={"modality": "CT"})
-
-
-def load_detweights():
-    parity = Path(os.environ.get("BIOMEDSEG_PARITY_DIR") or ROOT.parent / "shared" / "parity")
-    spec = importlib.util.spec_from_file_location("detweights", parity / "detweights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sync(torch, device):
