@@ -60,3 +60,46 @@ def test_user_file_missing_gives_instructions(tmp_path, monkeypatch):
     with pytest.raises(WeightsMissingError, match="not on this machine") as err:
         resolve_weights(spec)
     assert err.value.hint == "Download X from the authors."
+
+
+def _fake_hub_cache(root, repo, filename, content: bytes, blob_name: str):
+    """The hub cache's layout: blobs named by content hash, a snapshot symlink, refs/main."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "blobs").mkdir(parents=True)
+    (repo_dir / "blobs" / blob_name).write_bytes(content)
+    snapshot = repo_dir / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / filename).symlink_to(f"../../blobs/{blob_name}")
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("a" * 40)
+    return snapshot / filename
+
+
+@pytest.mark.parametrize("intact", [True, False])
+def test_hub_file_checked_against_its_lfs_sha256_when_the_catalogue_has_none(tmp_path, monkeypatch, intact):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("BIOMEDSEG_CACHE", str(tmp_path / "cache"))
+    spec = _spec(tmp_path)
+    content = b"checkpoint bytes" * 1000
+    sha = hashlib.sha256(content).hexdigest()
+    cached = _fake_hub_cache(tmp_path / "hub", spec["repo"], "ckpt.pt", content if intact else content[:-7], sha)
+    if intact:
+        assert resolve_weights(spec, offline=True) == [cached]
+        assert sha in (tmp_path / "cache" / "verified.json").read_text()
+    else:
+        with pytest.raises(WeightsMissingError, match=f"Checksum mismatch.*expected sha256 {sha}"):
+            resolve_weights(spec, offline=True)
+
+
+def test_small_hub_files_named_by_git_hash_are_not_checked(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from biomedseg.weights import hub_content_sha256
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = {**_spec(tmp_path), "files": ["vocab.json"]}
+    cached = _fake_hub_cache(tmp_path / "hub", spec["repo"], "vocab.json", b"{}", "b" * 40)
+    assert hub_content_sha256(cached) is None
+    assert resolve_weights(spec, offline=True) == [cached]

@@ -3,7 +3,9 @@
 Order of search: an explicit local path (file or folder) -> ``$BIOMEDSEG_WEIGHTS_DIR`` ->
 the package that ships them -> the Hugging Face cache -> a download (unless offline).
 Files with a known sha256 are verified once; the result is remembered per (path, size,
-mtime) so a 2 GB checkpoint is not re-hashed on every run. Failures say which file,
+mtime) so a 2 GB checkpoint is not re-hashed on every run. The sha256 is the catalogue's,
+or, for a file from the hub whose catalogue entry has none, the hub's own: large files live
+in the hub cache under their Git LFS sha256, so a truncated or altered download is caught too. Failures say which file,
 where it was looked for and how to get it.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from .errors import WeightsMissingError
@@ -116,7 +119,21 @@ def resolve_weights(spec: dict, local_path: str | os.PathLike | None = None, off
             hint=state["detail"])
     if spec.get("sha256") and len(paths) == 1:
         verify_sha256(paths[0], spec["sha256"])
+    elif spec["source"] == "hub":
+        for path in paths:
+            expected = hub_content_sha256(path)
+            if expected:
+                verify_sha256(path, expected)
     return paths
+
+
+def hub_content_sha256(path: Path) -> str | None:
+    """The sha256 the hub cache names a file's blob by (Git LFS files only; small files are
+    named by their git hash, 40 hex digits, and are not checked)."""
+    blob = Path(path).resolve()
+    if blob.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return blob.name
+    return None
 
 
 def _download(spec: dict, offline: bool, token: str | None) -> list[Path]:
