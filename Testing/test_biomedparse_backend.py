@@ -396,6 +396,8 @@ def test_modality_and_site_defaults(backend):
     assert backend.plan(Volume(np.abs(vol.array), vol.ijk_to_ras), ["liver"]).modality == "MRI"
     other = backend.plan(Volume(vol.array, vol.ijk_to_ras, meta={"modality": "OT"}), ["liver"])
     assert other.modality == "CT" and "'OT' names no imaging modality" in other.modality_source
+    with pytest.raises(InputError, match="not trained on 'PT' images"):
+        backend.plan(Volume(vol.array, vol.ijk_to_ras, meta={"modality": "PT"}), ["liver"])
 
 
 def test_device_preprocessing_is_close_to_the_authors(backend):
@@ -424,7 +426,7 @@ def test_colour_images_run_as_rgb(backend):
     vol = Volume(((rgb - rgb.min()) / np.ptp(rgb) * 255).astype(np.uint8), affine(LPS, (0.5, 0.5, 1.0)),
                  channels_last=True)
     out = run(backend, vol, ["neoplastic cells"], **SMALL)
-    assert backend.last_run["modality"] == "Pathology" and backend.last_run["modality_source"].startswith("guessed")
+    assert backend.last_run["modality"] == "Pathology" and "colour image" in backend.last_run["modality_source"]
     assert out["neoplastic cells"].shape == vol.shape and out["neoplastic cells"].max() > 0
 
 

@@ -306,15 +306,21 @@ def test_modality_from_option_dicom_tag_or_intensities():
 
     ct = small_ct()
     mr = Volume(np.abs(ct.array).astype(np.int16), ct.ijk_to_ras)
-    assert modality_from(ct, {}) == (0, "image")
+    assert modality_from(ct, {}) == (0, "DICOM modality CT")
     assert modality_from(ct, {"modality": "MRI-T2"}) == (3, "option")
     assert modality_from(ct, {"modality": "T1"}) == (2, "option")
     assert modality_from(ct, {"modality": 4}) == (4, "option")
     assert modality_from(Volume(ct.array, ct.ijk_to_ras, meta={"modality": "PT"}), {})[0] == 1
     assert modality_from(Volume(ct.array, ct.ijk_to_ras, meta={"modality": "MR"}), {})[0] == -1
-    assert modality_from(Volume(ct.array, ct.ijk_to_ras), {})[0] == 0  # air at about -1000: CT
+    # the series description names the sequence: the same rules as the panel's guess
+    t1 = Volume(mr.array, mr.ijk_to_ras, meta={"modality": "MR", "series_description": "T1 MPRAGE SAG"})
+    assert modality_from(t1, {}) == (2, "DICOM modality MR ('T1 MPRAGE SAG')")
+    flair = Volume(mr.array, mr.ijk_to_ras, meta={"modality": "MR", "series_description": "AX FLAIR"})
+    mod, source = modality_from(flair, {})
+    assert mod == -1 and "run as unknown MR" in source
+    assert modality_from(Volume(ct.array, ct.ijk_to_ras), {}) == (0, "Hounsfield-like intensities")
     assert modality_from(mr, {})[0] == -1
-    with pytest.raises(InputError, match="DICOM modality is 'US'"):
+    with pytest.raises(InputError, match=r"the image \(DICOM modality US\) is 'Ultrasound'"):
         modality_from(Volume(ct.array, ct.ijk_to_ras, meta={"modality": "US"}), {})
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from . import slicer_bridge
 from .catalog import ModelEntry, check_prompts, default_model_id, get_model, load_catalog
 from .errors import BiomedSegError, InputError
+from .imaging_guess import guess_modality
 from .segments import Segment
 from .volume import Volume
 
@@ -243,15 +244,6 @@ class Guess:
     reason: str
 
 
-#: DICOM Modality (0008,0060) -> the catalogue's modality names.
-DICOM_MODALITIES = {"CT": "CT", "MR": "MRI", "PT": "PET", "US": "Ultrasound", "CR": "X-Ray", "DX": "X-Ray",
-                    "DR": "X-Ray", "MG": "X-Ray", "RF": "X-Ray", "XA": "X-Ray", "OCT": "OCT", "OPT": "OCT",
-                    "OP": "Fundus", "SM": "Pathology", "GM": "Pathology", "ES": "Endoscope", "XC": "Dermoscopy"}
-#: Words in a series description -> MRI sequence (first match wins, so contrast-enhanced T1 comes first).
-MRI_SEQUENCES = [(r"flair", "MRI-FLAIR"), (r"\badc\b|apparent diff", "MRI-ADC"),
-                 (r"(t1|mprage|spgr|bravo).*(gd|gad|\+c|post|contrast)|(gd|gad|contrast).*(t1)", "MRI-T1-Gd"),
-                 (r"\bt1|mprage|spgr|bravo|tfl", "MRI-T1"), (r"\bt2|tse|haste", "MRI-T2"),
-                 (r"cine|ssfp|fiesta|trufi", "MRI-cine")]
 #: Words in BodyPartExamined / descriptions -> site; sites that name the same region.
 SITE_WORDS = [(r"head|brain|skull|neuro|cerebr", "head"), (r"chest|thorax|lung", "chest"),
               (r"abdomen|abd|liver|kidney|pancrea", "abdomen"), (r"pelvis|prostate|bladder", "pelvis"),
@@ -276,7 +268,8 @@ def read_dicom_tags(path: str) -> dict:
 
 
 def guess_modality_site(volume: Volume, tags: dict | None = None) -> Guess:
-    """Modality and site from DICOM tags when there are any, else from intensities and size.
+    """Modality (``imaging_guess``: DICOM tags, else the voxels) and site (body part and
+    description words, else the field of view).
 
     ``tags`` (modality, body_part, series_description) default to what the reader put in
     ``volume.meta``. The answer is a starting point the person can change.
@@ -285,43 +278,17 @@ def guess_modality_site(volume: Volume, tags: dict | None = None) -> Guess:
     for key in ("modality", "body_part", "series_description"):
         if key not in tags and isinstance(volume.meta.get(key), str):
             tags[key] = volume.meta[key]
+    modality, why = guess_modality(volume, tags)
+    reasons = [why]
     words = " ".join(str(tags.get(k, "")) for k in ("series_description", "body_part")).lower()
-    modality = site = ""
-    reasons = []
-    dicom_modality = str(tags.get("modality", "")).upper()
-    if dicom_modality in DICOM_MODALITIES:
-        modality = DICOM_MODALITIES[dicom_modality]
-        if modality == "MRI":
-            modality = next((seq for pattern, seq in MRI_SEQUENCES if re.search(pattern, words)), "MRI")
-        reasons.append(f"DICOM modality {dicom_modality}" + (f" ('{tags['series_description']}')"
-                                                             if tags.get("series_description") else ""))
-    if tags.get("body_part") or words.strip():
-        site = next((s for pattern, s in SITE_WORDS if re.search(pattern, words)), "")
-        if site:
-            reasons.append(f"body part '{tags.get('body_part') or tags.get('series_description')}'")
-    if not modality:
-        modality, why = _modality_from_intensities(volume)
-        reasons.append(why)
-    if not site:
+    site = next((s for pattern, s in SITE_WORDS if re.search(pattern, words)), "") if words.strip() else ""
+    if site:
+        reasons.append(f"body part '{tags.get('body_part') or tags.get('series_description')}'")
+    else:
         site, why = _site_from_size(volume, modality)
         if why:
             reasons.append(why)
     return Guess(modality, site, "Guessed from " + " and ".join(reasons) + ". Change them if they are wrong.")
-
-
-def _modality_from_intensities(volume: Volume) -> tuple[str, str]:
-    if volume.channels_last:
-        return "Pathology", "a colour image (could also be endoscopy, dermoscopy or fundus)"
-    values = volume.array
-    sample = values.ravel()[:: max(1, values.size // 200_000)].astype(np.float32)
-    low, high = np.percentile(sample, [1, 99.5])
-    if volume.shape[0] == 1 or min(volume.shape) == 1:
-        return "X-Ray", "a single grey slice (could also be ultrasound)"
-    if low <= -900 and high >= 0:
-        return "CT", "intensities in Hounsfield units"
-    if low >= -1:
-        return "MRI", "MRI-like intensities (sequence unknown)"
-    return "", "intensities that match no modality"
 
 
 def _site_from_size(volume: Volume, modality: str) -> tuple[str, str]:

@@ -20,11 +20,11 @@ engine (``encode`` / ``decode``):
 Options of ``predict`` (all optional):
   modality    CT, MRI, MRI-FLAIR, MRI-T1-Gd, MRI-T2, MRI-ADC, X-Ray, Ultrasound, Pathology,
               Endoscope, Fundus, Dermoscopy, OCT, or a DICOM code (CT, MR, US, CR, DX, ...).
-              Default: the image's DICOM modality (``volume.meta['modality']``, MR refined by
-              the series description; PT, NM, MG ... are refused, codes that name no imaging
-              modality such as OT fall through), else a guess from the voxels: colour -> Pathology,
-              Hounsfield-like values (minimum below -500) -> CT, one grey slice -> X-Ray,
-              otherwise MRI. Only CT uses a window; everything else uses percentiles.
+              Default: ``imaging_guess.guess_modality`` -- the image's DICOM modality
+              (``volume.meta['modality']``, MR refined by the series description; PT, NM, MG ...
+              are refused, codes that name no imaging modality such as OT fall through), else a
+              guess from the voxels: colour -> Pathology, Hounsfield-like values (minimum below
+              -500) -> CT, one grey slice -> X-Ray, otherwise MRI. Only CT uses a window; everything else uses percentiles.
   site        body site. For CT it selects the authors' window (abdomen, lung/chest, pelvis,
               liver, colon, pancreas); default from the DICOM body part / series description,
               else ``abdomen`` ([-150, 250] HU). For other modalities it only picks the p-value
@@ -86,6 +86,7 @@ import numpy as np
 
 from ...catalog import get_model
 from ...errors import CancelledError, InputError, OutOfMemoryError, WeightsMissingError
+from ...imaging_guess import guess_modality
 from ...inference.slicewise import FeatureCache, crop_for_roi, run_slicewise
 from ...volume import SLICE_PLANES, Volume
 from ...weights import offline_mode, resolve_weights
@@ -99,8 +100,6 @@ DEFAULT_P_VALUE = 0.05
 MODEL_SIZE = 1024
 #: DICOM modalities BiomedParse v1 never saw (other unknown codes such as OT or SC make it look at the voxels).
 UNTRAINED_DICOM_MODALITIES = {"PT", "NM", "MG", "XA", "RF", "IVUS", "ECG", "RTDOSE", "RTIMAGE", "RTSTRUCT", "SEG", "REG"}
-#: Below this minimum an image without a stated modality is taken for CT (air is -1000 HU).
-CT_GUESS_BELOW = -500.0
 #: Feature floats the decoder needs per model-input pixel: mask features (512 at 1/4) and the
 #: three multi-scale maps (512 at 1/8, 1/16, 1/32).
 FEATURE_FLOATS_PER_PIXEL = 512 * (1 / 16 + 1 / 64 + 1 / 256 + 1 / 1024)
@@ -327,23 +326,11 @@ class BiomedParseBackend:
         if value not in (None, ""):
             return tg.resolve_modality(value), "option"
         tag = volume.meta.get("modality")
-        note = ""
-        if isinstance(tag, str) and tag.strip():
-            name = tg.modality_from_tags(tag, str(volume.meta.get("series_description") or ""))
-            if name is not None:
-                return name, f"DICOM modality {tag}"
-            if tag.strip().upper() in UNTRAINED_DICOM_MODALITIES:
-                raise InputError(f"BiomedParse v1 was not trained on '{tag}' images (the image's DICOM modality).",
-                                 hint="Choose another model, or state the modality if the tag is wrong.")
-            note = f" (DICOM modality '{tag}' names no imaging modality)"  # OT, SC ...: look at the voxels
-        if volume.channels_last:
-            return "Pathology", "guessed: colour image" + note
-        low = float(np.min(volume.array)) if volume.array.size else 0.0
-        if low < CT_GUESS_BELOW:
-            return "CT", "guessed: Hounsfield-like intensities" + note
-        if min(volume.shape) == 1:
-            return "X-Ray", "guessed: one grey slice" + note
-        return "MRI", "guessed: no DICOM modality, not CT-like" + note
+        if isinstance(tag, str) and tag.strip().upper() in UNTRAINED_DICOM_MODALITIES:
+            raise InputError(f"BiomedParse v1 was not trained on '{tag}' images (the image's DICOM modality).",
+                             hint="Choose another model, or state the modality if the tag is wrong.")
+        name, why = guess_modality(volume)
+        return tg.resolve_modality(name), why
 
     @staticmethod
     def _site(volume: Volume, options: dict, modality: str) -> tuple[str | None, str]:

@@ -8,7 +8,6 @@ The convs are detectron2-style (conv, then norm, then activation) under the chec
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -17,7 +17,6 @@ recognition mode. The panel and the CLI may call all of these before any model l
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -58,11 +57,6 @@ _MRI_TYPES = {"abdomen": ["MRI-Abdomen"], "heart": ["MRI-Cardiac"], "brain": ["M
 _FIXED_TYPES = {"MRI-FLAIR": ["MRI-FLAIR-Brain"], "MRI-T1-Gd": ["MRI-T1-Gd-Brain"], "X-Ray": ["X-Ray-Chest"],
                 "Ultrasound": ["Ultrasound-Cardiac"], "Pathology": ["Pathology"], "Endoscope": ["Endoscopy"],
                 "Fundus": ["Fundus"], "Dermoscopy": ["Dermoscopy"], "OCT": ["OCT"]}
-#: MRI sequence from a series description (first match wins; contrast-enhanced T1 before plain T1).
-_SEQUENCES = [(r"flair", "MRI-FLAIR"), (r"\badc\b|apparent diff", "MRI-ADC"),
-              (r"t1.*(gd|gad|\+c|post|contrast)|(gd|gad|contrast).*t1", "MRI-T1-Gd"), (r"\bt2", "MRI-T2")]
-
-
 def _key(value) -> str:
     return "-".join(str(value).strip().lower().replace("_", " ").replace("-", " ").split())
 
@@ -88,15 +82,6 @@ def resolve_modality(value) -> str:
         raise InputError(f"BiomedParse v1 was not trained on '{value}' images.",
                          hint="It knows " + ", ".join(catalogue_modalities()) + " (DICOM codes CT, MR, US, CR, DX, "
                               "SM, ES, OP, XC, OCT are understood too).")
-    return name
-
-
-def modality_from_tags(dicom_modality: str, series_description: str = "") -> str | None:
-    """Catalogue modality from a DICOM Modality code, refined by the series description for MR."""
-    name = MODALITY_NAMES.get(_key(dicom_modality)) if dicom_modality else None
-    if name == "MRI" and series_description:
-        text = series_description.lower()
-        name = next((seq for pattern, seq in _SEQUENCES if re.search(pattern, text)), name)
     return name
 
 

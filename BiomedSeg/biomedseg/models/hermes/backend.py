@@ -34,14 +34,13 @@ import numpy as np
 
 from ...catalog import get_model
 from ...errors import DependencyMissingError, InputError, OutOfMemoryError
+from ...imaging_guess import guess_modality
 from ...volume import Volume
 from ...weights import resolve_weights
 from . import tasks
 
 #: The catalogue's modality names and DICOM Modality values -> the network's modality id.
 CATALOG_MODALITIES = {"ct": 0, "pet": 1, "pt": 1, "mri t1": 2, "mri t2": 3, "mri cine": 4, "mri": -1, "mr": -1}
-#: Below this many HU-like units an image without a stated modality is taken for CT (air is -1000).
-CT_GUESS_BELOW = -500.0
 #: Peak memory of one 128^3 window in a forward pass. CPU, float32: measured here (about
 #: 0.5 GB per 64^3 window, 4.5 GB peak RSS for 128^3 with the model). CUDA with float16
 #: autocast: an estimate (activations in half precision plus workspace), not measured.
@@ -61,21 +60,24 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def modality_from(volume: Volume, options: dict) -> tuple[int, str]:
-    """(modality id, where it came from) for this run; InputError for modalities Hermes lacks."""
+    """(modality id, where it came from) for this run; InputError for modalities Hermes lacks.
+
+    Without an option the image says (``imaging_guess``: DICOM tags, MR sequence from the series
+    description, else the voxels); MR sequences Hermes has no prior for run as unknown MR (-1).
+    """
     value, source = options.get("modality"), "option"
     if value is None or value == "":
-        value, source = volume.meta.get("modality"), "image"
-    if value is None or value == "":
-        low = float(np.min(volume.array)) if volume.array.size else 0.0
-        return (0, "guessed: CT-like intensities") if low < CT_GUESS_BELOW else (-1, "guessed: unknown MR")
+        value, source = guess_modality(volume)
     if isinstance(value, str):
         key = " ".join(value.lower().replace("-", " ").replace("_", " ").split())
         if key in CATALOG_MODALITIES:
             return CATALOG_MODALITIES[key], source
+        if source != "option" and key.startswith("mri"):
+            return -1, source + "; no Hermes prior for this sequence, run as unknown MR"
     try:
         return tasks.modality_id(value), source
     except InputError:
-        where = "options['modality']" if source == "option" else "the image's DICOM modality"
+        where = "options['modality']" if source == "option" else f"the image ({source})"
         raise InputError(f"Hermes segments CT, PET and MRI; {where} is '{value}'.",
                          hint="Choose a CT, PET or MR image, or state the modality (CT, PET, T1, T2, cine, MR)."
                          ) from None
