@@ -3,8 +3,9 @@
 The fixtures (shared/parity/hermes, see its README) come from the authors' model and
 inference code run with deterministic name-keyed weights (shared/parity/detweights.py),
 so these tests compare numbers, not segmentations. Tolerances are the fixture README's.
-Set BIOMEDSEG_PARITY_DIR to point elsewhere; HERMES_FULL_PARITY=1 adds the full
-8-window sliding-window comparison (about 4 minutes on 2 CPU cores).
+Set BIOMEDSEG_PARITY_DIR to point elsewhere. The full 8-window sliding-window comparison runs
+with the default engine (about 2 minutes on 2 CPU cores); HERMES_FULL_PARITY=1 adds the MONAI
+engine.
 """
 from __future__ import annotations
 
@@ -385,7 +386,8 @@ def test_monai_engine_agrees_except_for_repeated_windows():
 
 
 def test_window_grid_matches_reference_and_repeats():
-    from biomedseg.models.hermes.inference import unique_windows, window_grid, window_starts
+    from biomedseg.inference.sliding_window import window_starts
+    from biomedseg.models.hermes.inference import unique_windows, window_grid
 
     ref = np.load(_fixture("sliding_window.npz"))
     assert np.array_equal(np.array(window_grid((150, 140, 130))), ref["windows"])
@@ -467,9 +469,14 @@ def test_first_window_matches_reference_stitching(net):
     assert np.array_equal(prob.astype(np.float16), expected)
 
 
-@pytest.mark.skipif(not os.environ.get("HERMES_FULL_PARITY"), reason="set HERMES_FULL_PARITY=1 (about 4 min on CPU)")
-@pytest.mark.parametrize("engine", ["authors", "monai"])
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [
+    "authors",  # the default engine: always (8 windows of 128^3, about 2 min on 2 CPU cores)
+    pytest.param("monai", marks=pytest.mark.skipif(not os.environ.get("HERMES_FULL_PARITY"),
+                                                   reason="set HERMES_FULL_PARITY=1 (2 more min on CPU)")),
+])
 def test_full_sliding_window_matches_reference(net, engine):
+    """The whole stitched 150x140x130 volume (8 windows, overlaps averaged) against the authors' output."""
     from biomedseg.models.hermes.inference import sliding_window_probabilities
 
     ref = np.load(_fixture("sliding_window.npz"))
