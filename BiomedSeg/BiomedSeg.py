@@ -541,16 +541,13 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         choice = self.currentChoice()
         canRun = (p is not None and p.inputVolume is not None and choice is not None and choice.enabled
                   and bool(panel_logic.parse_prompts(self.ui.promptsLineEdit.text)))
-        self.ui.segmentButton.enabled = canRun and not busy
         self.ui.segmentButton.toolTip = ("Run the model on the input volume in the background." if canRun else
                                          "Choose an input volume, a model that can run here and at least one prompt.")
-        self.ui.cancelButton.enabled = busy
-        self.ui.installDependenciesButton.enabled = not busy
-        self.ui.undoButton.enabled = not busy and self.logic is not None and self.logic.controller.can_undo
-        segmentation = self._resultSegmentation()
-        self.ui.editButton.enabled = segmentation is not None and not busy
-        self.ui.exportFileButton.enabled = segmentation is not None and not busy
-        self.ui.exportLabelmapButton.enabled = segmentation is not None and not busy
+        states = panel_logic.button_states(
+            busy=busy, can_run=canRun, can_undo=self.logic is not None and self.logic.controller.can_undo,
+            has_result=self._resultSegmentation() is not None)
+        for name, enabled in states.items():
+            getattr(self.ui, name).enabled = enabled
 
     def _resultSegmentation(self):
         p = self._parameterNode

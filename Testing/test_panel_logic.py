@@ -477,6 +477,19 @@ def test_guess_from_intensities():
     assert "liver" in pl.suggestions("biomedparse-v1", "CT", "abdomen")
 
 
+def test_buttons_while_busy_and_idle():
+    busy = pl.button_states(busy=True, can_run=True, can_undo=True, has_result=True)
+    assert [n for n, on in busy.items() if on] == ["cancelButton"]  # nothing may touch a running job's output
+    idle = pl.button_states(busy=False, can_run=False, can_undo=False, has_result=True)
+    assert not idle["segmentButton"] and not idle["cancelButton"] and not idle["undoButton"]
+    assert idle["editButton"] and idle["exportFileButton"] and idle["exportLabelmapButton"]
+    assert idle["installDependenciesButton"]
+
+
+def test_time_left_reads_naturally():
+    assert [pl.format_seconds(s) for s in (0.2, 3.4, 75, 7300)] == ["under 1 s", "3 s", "1 min 15 s", "2 h 01 min"]
+
+
 def test_prompts_parse_like_the_line_edit():
     assert pl.parse_prompts(" liver,  left kidney; Liver\ntumor ,") == ["liver", "left kidney", "tumor"]
     assert pl.join_prompts(["liver", "tumor"]) == "liver, tumor"

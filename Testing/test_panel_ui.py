@@ -135,6 +135,14 @@ def test_every_widget_the_module_uses_exists_with_a_sensible_class(module_tree, 
         assert panel.findChild(QWidget, name) is not None, f"{name} was not created by QUiLoader"
 
 
+def test_buttons_switched_by_name_are_push_buttons_in_the_ui(ui_classes):
+    """updateButtons sets ``getattr(self.ui, name).enabled`` for every name button_states returns."""
+    from biomedseg.panel_logic import button_states
+
+    names = button_states(busy=False, can_run=True, can_undo=True, has_result=True)
+    assert names and all(ui_classes.get(n) == "QPushButton" for n in names), {n: ui_classes.get(n) for n in names}
+
+
 def test_methods_called_on_widgets_exist_on_their_qt_classes(module_tree, ui_classes):
     """``self.ui.x.method(...)`` calls name methods the real Qt class has (stand-ins checked for ctk/qMRML)."""
     from PySide6 import QtWidgets
@@ -264,11 +272,17 @@ def test_module_file_keeps_engine_logic_out_of_slicer_imports():
     assert not imported & {"slicer", "torch", "qt", "vtk", "ctk", "PySide6"}, imported
 
 
-def test_render_script_writes_the_panel_png(tmp_path):
+@pytest.mark.slow
+def test_render_script_writes_the_panel_png(tmp_path, colin_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import render_panel
 
-    out = render_panel.render(tmp_path / "panel.png")
+    run = render_panel.capture_run(colin_path)
+    # what the picture shows is a real run: the first result and the second run caught mid-way
+    assert run["first"].state == "done" and run["first"].names == ["brain"]
+    assert 0 < run["progress"].percent < 100 and "left" in run["progress"].text
+    assert run["buttons"]["cancelButton"] and not any(v for k, v in run["buttons"].items() if k != "cancelButton")
+    out = render_panel.render(tmp_path / "panel.png", run=run)
     from PySide6.QtGui import QImage
 
     image = QImage(str(out))

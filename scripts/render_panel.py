@@ -2,10 +2,12 @@
 """Render the BiomedSeg panel (Resources/UI/BiomedSeg.ui) offscreen to a PNG, without Slicer.
 
 The .ui is loaded with PySide6 and stand-ins for Slicer's qMRML/ctk widgets
-(Testing/qt_standins.py); the widgets are filled the way BiomedSeg.py fills them, from the
-engine's own panel logic (model list with states, guessed modality and site, catalogue
-suggestions, progress text of a running job, the previous result), so the picture shows
-what the module shows in Slicer while deepbet runs on the MRHead sample.
+(Testing/qt_standins.py). What the widgets show comes from a real run, driven the way
+BiomedSeg.py drives it: Colin27 (a real T1, Debian's mricron-data) in a real MRML scene
+(slicer-core), the engine's guess of modality and site, the catalogue's model states and
+suggestions, one deepbet run through the worker (its result line), then a second run caught
+mid-way (its progress text and time left). Buttons follow ``panel_logic.button_states``, the
+rules the module uses (busy: only Cancel). Slicer's own views and styling are not shown.
 
     QT_QPA_PLATFORM=offscreen python scripts/render_panel.py [OUT.png]
 """
@@ -14,17 +16,61 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "Testing"))
 sys.path.insert(0, str(ROOT / "BiomedSeg"))
 
 DEFAULT_OUT = ROOT / "Resources" / "Screenshots" / "panel.png"
+COLIN = Path("/usr/share/mricron/templates/ch2.nii.gz")
 
 
-def fill(panel) -> None:
-    """Put the panel in the state of a running deepbet job on MRHead, with one earlier result."""
+def capture_run(image: Path = COLIN) -> dict:
+    """Run deepbet on ``image`` through the worker like the panel does; return what the panel showed."""
+    from conftest import mrml_scene
+
+    from biomedseg import panel_logic as pl
+    from biomedseg import slicer_bridge as sb
+    from biomedseg.io import read_volume
+
+    with mrml_scene() as scene:
+        volume = read_volume(image)
+        node = sb.node_from_volume(scene, volume, volume.name)
+        controller = pl.PanelController(scene)
+        try:
+            info = controller.describe_volume(node)
+            state = pl.PanelState(model="deepbet", prompts=["brain"],
+                                  modality=pl.match_modality(info["guess"].modality, pl.modalities_for("deepbet")),
+                                  site=pl.match_site(info["guess"].site, pl.sites_for("deepbet")))
+            controller.start(state, node)
+            first = controller.wait(timeout=600)
+            if first.state != "done":
+                raise RuntimeError(f"the first run did not finish: {first.summary}")
+            state.write_mode = "overwrite segments of the same name"
+            controller.start(state, node)
+            progress = None
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                result = controller.poll()
+                if result.finished:
+                    raise RuntimeError("the second run ended before it could be caught mid-way")
+                if result.progress.percent and "left" in result.progress.text:
+                    progress = result.progress
+                    break
+                time.sleep(0.01)
+            buttons = pl.button_states(busy=controller.running, can_run=True, can_undo=controller.can_undo,
+                                       has_result=bool(first.names))
+            controller.cancel()
+            controller.wait(timeout=60)
+        finally:
+            controller.close()
+    return {"name": volume.name, "slices": info["slices"], "guess": info["guess"], "state": state,
+            "first": first, "progress": progress, "buttons": buttons,
+            "segmentation": f"{volume.name} deepbet", "dicom": info["dicom"]}
+
+
+def fill(panel, run: dict) -> None:
+    """Put the widgets in the state ``capture_run`` recorded, the way BiomedSeg.py fills them."""
     from PySide6.QtCore import Qt
     from PySide6.QtGui import QStandardItemModel
     from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QLabel, QLineEdit, QListWidget,
@@ -39,14 +85,13 @@ def fill(panel) -> None:
             raise LookupError(f"{name} ({cls.__name__}) is not in the .ui")
         return widget
 
-    find(qMRMLNodeComboBox, "inputVolumeSelector").setNodeNames(["MRHead", "CTChest"], "MRHead")
+    state = run["state"]
+    find(qMRMLNodeComboBox, "inputVolumeSelector").setNodeNames([run["name"]], run["name"])
     find(qMRMLNodeComboBox, "roiSelector").setNodeNames(["R"], "Whole volume")
-    find(qMRMLNodeComboBox, "outputSegmentationSelector").setNodeNames(["MRHead deepbet"], "MRHead deepbet")
+    find(qMRMLNodeComboBox, "outputSegmentationSelector").setNodeNames([run["segmentation"]], run["segmentation"])
 
-    # Models and their state, exactly as the module lists them (disabled ones greyed out).
-    states = {"deepbet": {"ready": True, "state": "ready", "detail": "shipped inside the 'deepbet' package"}}
-    choices = pl.model_choices("auto", {**{c.id: pl.get_model(c.id).state() for c in pl.model_choices("auto")},
-                                        **states})
+    # Models and their state on this machine, as the module lists them (disabled ones greyed out).
+    choices = pl.model_choices("auto", {c.id: pl.get_model(c.id).state() for c in pl.model_choices("auto")})
     models = find(QComboBox, "modelComboBox")
     for choice in choices:
         models.addItem(choice.label, choice.id)
@@ -55,85 +100,69 @@ def fill(panel) -> None:
     if isinstance(item_model, QStandardItemModel):
         for row, choice in enumerate(choices):
             item_model.item(row).setEnabled(choice.enabled)
-    models.setCurrentIndex(0)
-    deepbet = choices[0]
-    find(QLabel, "modelStateLabel").setText(f"\u2714 {deepbet.state}: {deepbet.detail}")
-    find(QPushButton, "modelActionButton").setVisible(deepbet.action is not None)
+    current = next(c for c in choices if c.id == state.model)
+    models.setCurrentIndex(choices.index(current))
+    mark = "\u2714" if current.ready else "\u26a0"
+    find(QLabel, "modelStateLabel").setText(f"{mark} {current.state}: {current.detail}")
+    find(QPushButton, "modelActionButton").setVisible(current.action is not None)
 
-    # Modality and site guessed from the sample's intensities and size (MRHead: 256 x 256 x 130, 1 x 1 x 1.3 mm).
-    import numpy as np
-
-    from biomedseg.volume import Volume
-
-    rng = np.random.default_rng(0)
-    head = Volume(rng.integers(0, 300, (130, 256, 256), dtype=np.int16), np.diag([1.0, 1.0, 1.3, 1.0]), name="MRHead")
-    guess = pl.guess_modality_site(head)
     modality = find(QComboBox, "modalityComboBox")
-    modality.addItems(pl.modalities_for("deepbet"))
-    modality.setCurrentText(pl.match_modality(guess.modality, pl.modalities_for("deepbet")))
+    modality.addItems(pl.modalities_for(state.model))
+    modality.setCurrentText(state.modality)
     site = find(QComboBox, "siteComboBox")
-    site.addItems(pl.sites_for("deepbet", modality.currentText()))
-    site.setCurrentText(pl.match_site(guess.site, pl.sites_for("deepbet", modality.currentText())))
-    find(QLabel, "guessLabel").setText(guess.reason)
-    find(QLineEdit, "promptsLineEdit").setText("brain")
+    site.addItems(pl.sites_for(state.model, state.modality))
+    site.setCurrentText(state.site)
+    find(QLabel, "guessLabel").setText(run["guess"].reason)
+    find(QLineEdit, "promptsLineEdit").setText(", ".join(state.prompts))
     suggestions = find(QListWidget, "suggestionsListWidget")
-    for target in pl.suggestions("deepbet", modality.currentText(), site.currentText()):
+    for target in pl.suggestions(state.model, state.modality, state.site):
         item = QListWidgetItem(target)
-        item.setCheckState(Qt.Checked)
+        item.setCheckState(Qt.Checked if target in state.prompts else Qt.Unchecked)
         suggestions.addItem(item)
-    find(QSpinBox, "sliceFirstSpinBox").setRange(0, 129)
-    find(QSpinBox, "sliceLastSpinBox").setRange(0, 129)
-    find(QSpinBox, "sliceLastSpinBox").setValue(129)
+    last = run["slices"][state.slice_axis] - 1
+    for name in ("sliceFirstSpinBox", "sliceLastSpinBox"):
+        find(QSpinBox, name).setRange(0, last)
+    find(QSpinBox, "sliceLastSpinBox").setValue(last)
 
     # Advanced options: the parameter node's choices.
-    for name, values, current in (("sliceAxisComboBox", pl.SLICE_AXES, "axial"),
-                                  ("postprocessComboBox", list(pl.POSTPROCESS), "model default"),
-                                  ("writeModeComboBox", list(pl.WRITE_MODES), "add as new segments"),
-                                  ("deviceComboBox", pl.DEVICES, "auto")):
+    for name, values, value in (("sliceAxisComboBox", pl.SLICE_AXES, state.slice_axis),
+                                ("postprocessComboBox", list(pl.POSTPROCESS), state.postprocess),
+                                ("writeModeComboBox", list(pl.WRITE_MODES), state.write_mode),
+                                ("deviceComboBox", pl.DEVICES, state.device)):
         combo = find(QComboBox, name)
         combo.addItems(values)
-        combo.setCurrentText(current)
-    find(QDoubleSpinBox, "thresholdSpinBox").setValue(0.5)
-    find(ctkPathLineEdit, "workerPythonPathLineEdit").currentPath = ""
+        combo.setCurrentText(value)
+    find(QDoubleSpinBox, "thresholdSpinBox").setValue(state.threshold)
+    find(ctkPathLineEdit, "workerPythonPathLineEdit").currentPath = state.worker_python
     find(ctkCollapsibleButton, "advancedCollapsibleButton").collapsed = False  # shown open for the picture
 
-    # A running job: the progress text the controller gives for deepbet's third stage.
-    job = SimpleNamespace(state="running", stage="segmenting brain", done=2, total=4, eta=3.2, elapsed=3.1,
-                          cancel_requested_at=None, submitted_at=time.monotonic() - 3.1)
-    progress = pl.describe_progress(job)
-    find(QPushButton, "segmentButton").setEnabled(False)
-    find(QPushButton, "cancelButton").setEnabled(True)
+    # The second run, caught mid-way, and the first run's result.
+    progress = run["progress"]
     bar = find(QProgressBar, "progressBar")
     bar.setRange(0, 100)
-    bar.setValue(progress.percent)
-    find(QLabel, "statusLabel").setText(progress.text)
+    bar.setValue(progress.percent if progress else 0)
+    find(QLabel, "statusLabel").setText(progress.text if progress else "")
     find(QLabel, "messageLabel").setVisible(False)
     find(QPushButton, "messageActionButton").setVisible(False)
-
-    # The earlier run's result (deepbet on MRHead), with Undo, Edit and Export available.
-    earlier = pl.RunOutcome("done", names=["brain"], absent=[], seconds=7.7, device="cpu",
-                            volumes_ml={"brain": 1436.2})
-    find(QLabel, "resultLabel").setText(earlier.summary)
-    find(QLabel, "absentLabel").setVisible(False)
-    find(QCheckBox, "show3DCheckBox").setChecked(True)
-    for name in ("undoButton", "editButton"):
-        find(QPushButton, name).setEnabled(True)
+    find(QLabel, "resultLabel").setText(run["first"].summary)
+    find(QLabel, "absentLabel").setVisible(bool(run["first"].absent))
+    find(QCheckBox, "show3DCheckBox").setChecked(state.show_3d)
     formats = find(QComboBox, "exportFormatComboBox")
     for suffix, label in pl.EXPORT_FORMATS.items():
-        if suffix != ".dcm":  # MRHead is not DICOM: no DICOM SEG
+        if suffix != ".dcm" or run["dicom"]:  # DICOM SEG only for DICOM sources
             formats.addItem(label, suffix)
-    for name in ("exportFileButton", "exportLabelmapButton"):
-        find(QPushButton, name).setEnabled(True)
+    for name, enabled in run["buttons"].items():
+        find(QPushButton, name).setEnabled(enabled)
 
 
-def render(out: Path = DEFAULT_OUT, width: int = 430) -> Path:
+def render(out: Path = DEFAULT_OUT, width: int = 430, run: dict | None = None) -> Path:
     from qt_standins import application, load_ui
 
     app = application()
     panel, error = load_ui()
     if panel is None:
         raise RuntimeError(f"the .ui does not load: {error}")
-    fill(panel)
+    fill(panel, run if run is not None else capture_run())
     panel.resize(width, 100)
     panel.adjustSize()
     panel.resize(width, panel.sizeHint().height())

@@ -456,10 +456,21 @@ class Progress:
 
 def format_seconds(seconds: float) -> str:
     seconds = max(0.0, float(seconds))
+    if seconds < 0.5:
+        return "under 1 s"
     if seconds < 60:
         return f"{seconds:.0f} s"
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def button_states(*, busy: bool, can_run: bool, can_undo: bool, has_result: bool) -> dict[str, bool]:
+    """Which action buttons are enabled: while a run or an install is busy only Cancel works,
+    so nothing can change the segmentation under a running job."""
+    idle = not busy
+    return {"segmentButton": can_run and idle, "cancelButton": busy, "installDependenciesButton": idle,
+            "undoButton": can_undo and idle, "editButton": has_result and idle,
+            "exportFileButton": has_result and idle, "exportLabelmapButton": has_result and idle}
 
 
 def describe_progress(job) -> Progress:
@@ -1067,7 +1078,7 @@ def weights_progress(model_id: str) -> Callable[[], int | None]:
 
 
 __all__ = ["PanelState", "PanelController", "ModelChoice", "Guess", "Progress", "PanelMessage", "RunOutcome",
-           "PollResult", "model_choices", "model_states", "guess_modality_site", "suggestions", "modalities_for",
+           "PollResult", "button_states", "model_choices", "model_states", "guess_modality_site", "suggestions", "modalities_for",
            "sites_for", "match_modality", "match_site", "build_request", "describe_progress", "describe_error",
            "install_plan", "download_plan", "missing_requirements", "isolated_environment", "missing_engine_packages", "BackgroundSteps", "constraints_for_installed", "parse_prompts",
            "join_prompts", "read_dicom_tags", "order_dicom_files", "weights_progress", "crop_box", "crop_volume",
