@@ -722,11 +722,7 @@ class BiomedSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def panelState(p):
-        return panel_logic.PanelState(
-            model=p.model, prompts=panel_logic.parse_prompts(p.prompts), modality=p.modality, site=p.site,
-            slice_axis=p.sliceAxis, slice_range=(p.sliceFirst, p.sliceLast) if p.useSliceRange else None,
-            threshold=p.threshold, postprocess=p.postprocess, write_mode=p.writeMode, device=p.device,
-            worker_python=p.workerPython, weights=p.weightsPath, show_3d=p.show3D)
+        return panel_logic.state_from_parameters(p)
 
     def start(self, p):
         """Submit the panel's request to the worker; returns the job at once."""

@@ -261,6 +261,35 @@ def test_parameter_defaults_are_valid(module_tree):
     assert ast.literal_eval(fields["model"].value) == panel_logic.default_model_id()
 
 
+def test_parameter_node_becomes_the_run_request(module_tree):
+    """The module's parameter node (its declared fields and defaults, then edited values) turns into
+    the PanelState and the worker request the Logic submits."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from biomedseg import panel_logic
+    from biomedseg.volume import Volume
+
+    fields = parameter_fields(module_tree)
+    values = {name: (None if node.value is None else ast.literal_eval(node.value)) for name, node in fields.items()}
+    defaults = panel_logic.state_from_parameters(SimpleNamespace(**values))
+    assert defaults.model == panel_logic.default_model_id() and defaults.slice_range is None
+    assert defaults.threshold == values["threshold"] and defaults.write_mode == values["writeMode"]
+
+    values.update(model="biomedparse-v1", prompts="liver, left kidney", useSliceRange=True, sliceFirst=2, sliceLast=5,
+                  threshold=0.3, writeMode="overwrite segments of the same name", device="cpu", sliceAxis="coronal")
+    state = panel_logic.state_from_parameters(SimpleNamespace(**values))
+    assert state.prompts == ["liver", "left kidney"] and state.slice_range == (2, 5)
+    assert (state.threshold, state.device, state.slice_axis) == (0.3, "cpu", "coronal")
+    unknown = set(vars(SimpleNamespace(**values))) - set(fields)
+    assert not unknown, f"the test set fields the parameter node does not declare: {unknown}"
+    request = panel_logic.build_request(state, Volume(np.zeros((8, 9, 10), np.int16), np.eye(4)))
+    assert request.model == "biomedparse-v1" and request.prompts == ["liver", "left kidney"]
+    assert request.kwargs["device"] == "cpu" and request.kwargs["threshold"] == 0.3
+    assert request.volume.shape == (8, 4, 10)  # coronal slices 2..5 of an identity-oriented volume: j = A
+
+
 def test_module_file_keeps_engine_logic_out_of_slicer_imports():
     """BiomedSeg.py stays a view: it never imports torch, and the controller never imports slicer."""
     source = MODULE.read_text()

@@ -122,6 +122,15 @@ class PanelState:
     options: dict = field(default_factory=dict)
 
 
+def state_from_parameters(p) -> PanelState:
+    """The run request's settings from the module's parameter node (any object with its fields)."""
+    return PanelState(
+        model=p.model, prompts=parse_prompts(p.prompts), modality=p.modality, site=p.site,
+        slice_axis=p.sliceAxis, slice_range=(p.sliceFirst, p.sliceLast) if p.useSliceRange else None,
+        threshold=p.threshold, postprocess=p.postprocess, write_mode=p.writeMode, device=p.device,
+        worker_python=p.workerPython, weights=p.weightsPath, show_3d=p.show3D)
+
+
 # ---- models and their state ------------------------------------------------------------------
 
 @dataclass
@@ -1078,7 +1087,7 @@ def weights_progress(model_id: str) -> Callable[[], int | None]:
 
 
 __all__ = ["PanelState", "PanelController", "ModelChoice", "Guess", "Progress", "PanelMessage", "RunOutcome",
-           "PollResult", "button_states", "model_choices", "model_states", "guess_modality_site", "suggestions", "modalities_for",
+           "PollResult", "button_states", "state_from_parameters", "model_choices", "model_states", "guess_modality_site", "suggestions", "modalities_for",
            "sites_for", "match_modality", "match_site", "build_request", "describe_progress", "describe_error",
            "install_plan", "download_plan", "missing_requirements", "isolated_environment", "missing_engine_packages", "BackgroundSteps", "constraints_for_installed", "parse_prompts",
            "join_prompts", "read_dicom_tags", "order_dicom_files", "weights_progress", "crop_box", "crop_volume",
