@@ -23,8 +23,11 @@ torch = pytest.importorskip("torch")
 from biomedseg.errors import CancelledError, InputError, OutOfMemoryError, WeightsMissingError  # noqa: E402
 from biomedseg.volume import Volume  # noqa: E402
 
-from conftest import load_detweights  # noqa: E402
+from conftest import WORKER_MODELS, load_detweights, worker_test_models  # noqa: E402
 from geometry_cases import affine, rotation  # noqa: E402
+
+sys.path.insert(0, str(WORKER_MODELS))
+from testing_backends import hermes_with, intensity_net  # noqa: E402
 
 
 #: Directions (columns: RAS unit vectors of the i, j, k axes).
@@ -52,33 +55,8 @@ def no_weights_dir(monkeypatch):
     monkeypatch.delenv("BIOMEDSEG_WEIGHTS_DIR", raising=False)
 
 
-class IntensityNet(torch.nn.Module):
-    """Stand-in for Hermes-R: logit = slope * (threshold - x) for every task, so voxels whose
-    preprocessed intensity is below ``threshold`` (the dark sphere) come out above 0.5.
-    ``mirror`` / ``swap`` plant the bugs a geometry check has to catch."""
-
-    def __init__(self, threshold: float, slope: float = 20.0, mirror: bool = False, swap: bool = False):
-        super().__init__()
-        self.threshold, self.slope, self.mirror, self.swap = threshold, slope, mirror, swap
-        self.calls = 0
-
-    def forward(self, x, tgt_idx, mod_idx):
-        self.calls += 1
-        logit = self.slope * (self.threshold - x)
-        if self.mirror:
-            logit = torch.flip(logit, dims=(4,))
-        if self.swap:
-            logit = logit.transpose(2, 4)
-        return logit.expand(-1, tgt_idx.shape[1], -1, -1, -1).contiguous(), torch.zeros(x.shape[0], 6)
-
-
-def stand_in_backend(net, device="cpu"):
-    """A HermesBackend whose network is ``net`` (no checkpoint needed)."""
-    from biomedseg.models.hermes.backend import HermesBackend
-
-    backend = HermesBackend.__new__(HermesBackend)
-    backend.device, backend.net, backend.weights_path, backend.last_run = device, net, None, {}
-    return backend
+IntensityNet = intensity_net
+stand_in_backend = hermes_with
 
 
 def run_backend(backend, volume, prompts, options=None, events=None, cancelled=lambda: False):
@@ -196,6 +174,28 @@ def test_mask_lands_on_the_sphere_in_patient_space(case):
     truth = np.linalg.norm(vol.ras_of_voxels() - SPHERE_CENTRE, axis=-1) < SPHERE_RADIUS
     dice = 2 * ((prob > 0.5) & truth).sum() / ((prob > 0.5).sum() + truth.sum())
     assert dice > 0.9
+
+
+@pytest.mark.slow
+def test_worker_puts_the_sphere_on_the_right_voxels():
+    """The same sphere check through a real worker process: the Hermes pipeline (1.5 mm
+    resampling, windows, resampling back) runs there around the stand-in network, on grids
+    that are neither 1.5 mm nor identity-oriented."""
+    from biomedseg.worker.client import WorkerClient
+
+    with worker_test_models():
+        client = WorkerClient(env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            for case in ("lps_permuted", "oblique"):
+                vol = sphere_volume(*GEOMETRY_CASES[case])
+                result = client.run(vol, "hermes-standin", ["liver"], device="cpu",
+                                    options={"threshold_z": intensity_threshold(vol)}, timeout=240)
+                (segment,) = result.segments
+                assert segment.name == "liver" and segment.mask.shape == vol.shape
+                wrong, inside, band = sphere_mismatch(vol, segment.mask)
+                assert inside > 500 and wrong == 0, f"{case}: {wrong} voxels more than {band} mm off the surface"
+        finally:
+            client.close()
 
 
 @pytest.mark.parametrize("bug", ["mirror", "swap", "no_redirect_inverse"])
@@ -351,11 +351,15 @@ def test_batch_size_follows_free_memory():
 def test_out_of_memory_halves_an_automatic_batch_but_not_a_chosen_one(monkeypatch):
     from biomedseg.models.hermes import backend as hb
 
-    class Greedy(IntensityNet):
+    class Greedy(torch.nn.Module):
+        def __init__(self, threshold):
+            super().__init__()
+            self.inner = IntensityNet(threshold)
+
         def forward(self, x, tgt_idx, mod_idx):
             if x.shape[0] > 1:
                 raise RuntimeError("CUDA out of memory. Tried to allocate 9.00 GiB")
-            return super().forward(x, tgt_idx, mod_idx)
+            return self.inner(x, tgt_idx, mod_idx)
 
     monkeypatch.setattr(hb, "auto_batch_size", lambda *a, **kw: 4)
     vol = small_ct()

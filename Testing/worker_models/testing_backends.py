@@ -59,3 +59,50 @@ class TestBackend:
         for i, p in enumerate(prompts):
             out[p] = mask if i == 0 else (volume.array > np.median(volume.array)).astype(np.float32)
         return out
+
+
+def intensity_net(threshold: float, slope: float = 20.0, mirror: bool = False, swap: bool = False):
+    """Stand-in for Hermes-R: logit = slope * (threshold - x) for every task, so voxels whose
+    preprocessed intensity is below ``threshold`` (a dark sphere) come out above 0.5.
+    ``mirror`` / ``swap`` plant the bugs a geometry check has to catch."""
+    import torch
+
+    class IntensityNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.threshold, self.slope, self.mirror, self.swap = threshold, slope, mirror, swap
+            self.calls = 0
+
+        def forward(self, x, tgt_idx, mod_idx):
+            self.calls += 1
+            logit = self.slope * (self.threshold - x)
+            if self.mirror:
+                logit = torch.flip(logit, dims=(4,))
+            if self.swap:
+                logit = logit.transpose(2, 4)
+            return logit.expand(-1, tgt_idx.shape[1], -1, -1, -1).contiguous(), torch.zeros(x.shape[0], 6)
+
+    return IntensityNet()
+
+
+def hermes_with(net, device="cpu"):
+    """Hermes' own backend (prompt mapping, preprocessing, sliding windows, resampling back)
+    around ``net`` instead of the trained network (no checkpoint needed)."""
+    from biomedseg.models.hermes.backend import HermesBackend
+
+    backend = HermesBackend.__new__(HermesBackend)
+    backend.device, backend.net, backend.weights_path, backend.last_run = device, net, None, {}
+    return backend
+
+
+class HermesStandInBackend:
+    """Model 'hermes-standin': the Hermes pipeline in a worker with ``intensity_net``, whose
+    threshold (in preprocessed units) comes in ``options['threshold_z']``."""
+
+    def __init__(self, device="cpu", weights=None):
+        self.device = device
+
+    def predict(self, volume, prompts, *, progress, cancelled, options):
+        options = dict(options or {})
+        backend = hermes_with(intensity_net(float(options.pop("threshold_z"))), self.device)
+        return backend.predict(volume, prompts, progress=progress, cancelled=cancelled, options=options)
