@@ -149,6 +149,44 @@ def test_worker_puts_slices_on_the_right_voxels_in_any_storage_order(checkpoint,
         np.testing.assert_allclose(direct[0, i], reference[p][1], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
+def test_cli_segments_a_ct_file_into_a_slicer_segmentation(checkpoint, tmp_path):
+    """The command a user types: a CT NIfTI in, a .seg.nrrd out (through the worker), read back by
+    slicerio with the prompts as named segments on the input's grid."""
+    import nibabel as nib
+    import slicerio
+
+    from biomedseg.cli import main
+    from biomedseg.io import read_volume
+    from biomedseg.volume import to_nibabel
+
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(to_nibabel(ct_volume()), ct)
+    out = tmp_path / "organs.seg.nrrd"
+    rc = main(["segment", str(ct), "--model", "biomedparse-v1", "--prompt", "liver", "--prompt", "spleen",
+               "--weights", str(checkpoint), "--modality", "CT", "--site", "abdomen", "--device", "cpu",
+               "--option", "image_size=128", "--option", "p_value=0", "-o", str(out), "-q"])
+    assert rc == 0 and out.exists()
+    segmentation = slicerio.read_segmentation(str(out))
+    names = [seg["name"] for seg in segmentation["segments"]]
+    assert names and set(names) <= {"liver", "spleen"}
+    # the same run in this process, on the volume as read back from the file
+    from biomedseg.inference.runner import segment
+
+    volume = read_volume(ct)
+    expected = {s.name: s.mask for s in segment(volume, "biomedparse-v1", ["liver", "spleen"], device="cpu",
+                                                 weights=str(checkpoint), options={"modality": "CT", "site": "abdomen",
+                                                                                  "image_size": 128, "p_value": 0}).segments}
+    assert sorted(expected) == sorted(names)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.ijk_to_ras
+    np.testing.assert_allclose(segmentation["ijkToLPS"], lps, atol=1e-6)  # the input's grid
+    voxels = segmentation["voxels"]
+    for seg in segmentation["segments"]:
+        layer = voxels if voxels.ndim == 3 else voxels[seg.get("layer", 0)]
+        mask = (layer == seg["labelValue"]).transpose(2, 1, 0)  # slicerio (i, j, k) -> our (k, j, i)
+        assert np.array_equal(mask, expected[seg["name"]]), seg["name"]
+
+
 # ---- (b) re-prompting runs only the decoder ---------------------------------------------
 def test_reprompt_uses_cached_features(backend):
     import time
