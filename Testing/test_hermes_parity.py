@@ -435,8 +435,9 @@ def test_predict_volume_adds_null_token_and_splits_deep_volumes():
                                             window=(16, 16, 16))
         np.testing.assert_allclose(out[:, a:b], part[0, :2].numpy(), atol=1e-6)
     assert calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == list(range(1, calls[-1][1] + 1))
-    with pytest.raises(InputError):
-        predict_volume(WindowNet(), arr, [72], 0)
+    for unused in (71, 72):  # row 71 belongs to no dataset, 72 is the null token
+        with pytest.raises(InputError, match="run from 0 to 70"):
+            predict_volume(WindowNet(), arr, [unused], 0)
     with pytest.raises(InputError):
         predict_volume(WindowNet(), arr, [1], 7)
 

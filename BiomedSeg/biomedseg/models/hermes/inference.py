@@ -25,6 +25,8 @@ WINDOW = (128, 128, 128)
 #: The authors' validation splits deeper volumes along z into chunks of at most this size.
 Z_CHUNK = 600
 NULL_TASK = -1
+#: Last task id any dataset uses (task_prior row 71 exists but no dataset refers to it; 72 is the null token).
+LAST_TASK = 70
 STAGE = "Hermes sliding window"
 
 
@@ -100,8 +102,8 @@ def predict_volume(net, array: np.ndarray, task_ids: Sequence[int], modality_id:
     task_ids = [int(t) for t in task_ids]
     if not task_ids:
         raise InputError("No Hermes task was requested.")
-    if any(t < 0 or t > 71 for t in task_ids):
-        raise InputError(f"Hermes task ids run from 0 to 71, got {task_ids}.")
+    if any(t < 0 or t > LAST_TASK for t in task_ids):
+        raise InputError(f"Hermes task ids run from 0 to {LAST_TASK}, got {task_ids}.")
     if not -1 <= int(modality_id) <= 4:
         raise InputError(f"Hermes modality id must be -1 (unknown) or 0..4, got {modality_id}.")
     array = np.asarray(array, dtype=np.float32)
