@@ -40,3 +40,36 @@ def resolve_device(requested: str = "auto") -> tuple[str, str]:
                              "torch build with MPS.", hint="Use --device cpu or auto.")
         return "mps", "Apple GPU (MPS, requested)"
     raise InputError(f"Unknown device '{requested}'; use auto, cpu, cuda, cuda:N or mps.")
+
+
+def device_kind(device: str) -> str:
+    """'cuda', 'mps' or 'cpu' for a device string such as 'cuda:1' (keys of per-device tables)."""
+    return "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
+
+
+def free_memory_bytes(device: str) -> int:
+    """Free memory where tensors on ``device`` live: the GPU's for CUDA, else available RAM."""
+    if device_kind(device) == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A torch allocation failure: CUDA/MPS 'out of memory' or a CPU 'can't allocate memory'."""
+    text = str(exc).lower()
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
+def release_memory(device: str) -> None:
+    """Give dropped tensors back: collect garbage, and empty the CUDA cache on a GPU."""
+    import gc
+
+    gc.collect()
+    if device_kind(device) == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()

@@ -12,13 +12,12 @@ import os
 import time
 from collections import OrderedDict
 
-import numpy as np
-
 from ..catalog import check_prompts, get_model
 from ..errors import DependencyMissingError, InputError, WeightsMissingError
 from ..models.base import backend_class
 from ..segments import Segment, SegmentationResult, prepare_segments
 from ..volume import Volume
+from .device import free_memory_bytes, release_memory
 from .postprocess import postprocess
 
 #: Loaded backends, least recently used first; evicted when memory runs short.
@@ -50,25 +49,11 @@ def load_backend(model_id: str, device: str = "auto", weights: str | None = None
     return _WARM[key], reason
 
 
-def _free_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
 def _make_room(model_bytes: int, device: str) -> None:
     """Evict least recently used models until the new one (about 2x its weights) fits."""
-    while _WARM and (len(_WARM) >= MAX_WARM or _free_bytes(device) < 2 * model_bytes):
+    while _WARM and (len(_WARM) >= MAX_WARM or free_memory_bytes(device) < 2 * model_bytes):
         _WARM.popitem(last=False)
-        gc.collect()
-        if device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
+        release_memory(device)
 
 
 def warm_models() -> list[dict]:

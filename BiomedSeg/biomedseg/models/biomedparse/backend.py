@@ -76,7 +76,6 @@ found).
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from dataclasses import dataclass, field
@@ -87,6 +86,7 @@ import numpy as np
 from ...catalog import get_model
 from ...errors import CancelledError, InputError, OutOfMemoryError, WeightsMissingError
 from ...imaging_guess import guess_modality
+from ...inference.device import device_kind, free_memory_bytes, is_out_of_memory, release_memory
 from ...inference.slicewise import FeatureCache, crop_for_roi, run_slicewise
 from ...volume import SLICE_PLANES, Volume
 from ...weights import offline_mode, resolve_weights
@@ -121,27 +121,11 @@ TARGET_DIST_SPEC = {"source": "hub", "repo": "microsoft/BiomedParse", "files": [
                     "revision": "main", "license": "CC-BY-NC-SA-4.0", "gated": True}
 
 
-def _is_oom(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
-
-
-def _device_kind(device: str) -> str:
-    return "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
-
-
 def auto_batch_size(device: str, image_size: int = MODEL_SIZE, amp: bool = True, free_bytes: int | None = None) -> int:
     """Slices per pass that fit in ``MEMORY_SHARE`` of the free memory (at least 1, at most ``MAX_BATCH``)."""
-    kind = _device_kind(device)
+    kind = device_kind(device)
     if free_bytes is None:
-        if kind == "cuda":
-            import torch
-
-            free_bytes = int(torch.cuda.mem_get_info(torch.device(device))[0])
-        else:
-            import psutil
-
-            free_bytes = int(psutil.virtual_memory().available)
+        free_bytes = free_memory_bytes(device)
     key = "cuda_amp" if kind == "cuda" and amp else kind
     per_slice = SLICE_BYTES_1024[key] * (image_size / MODEL_SIZE) ** 2
     return max(1, min(MAX_BATCH[kind], int(free_bytes * MEMORY_SHARE // per_slice)))
@@ -294,7 +278,7 @@ class BiomedParseBackend:
             flags[name] = value
         exact = flags["exact_preprocessing"]
         if exact is None:
-            exact = _device_kind(self.device) == "cpu"
+            exact = device_kind(self.device) == "cpu"
         p_value = options.get("p_value", DEFAULT_P_VALUE)
         if p_value is None or p_value is False:
             p_value = 0.0
@@ -315,7 +299,7 @@ class BiomedParseBackend:
                     window=window, rgb=bool(volume.channels_last and volume.n_channels >= 3), plane=plane,
                     slice_range=slice_range, roi=roi, batch_size=None if batch is None else int(batch),
                     joint=joint, image_size=int(size), exact=bool(exact),
-                    amp=flags["amp"] is not False and _device_kind(self.device) == "cuda",
+                    amp=flags["amp"] is not False and device_kind(self.device) == "cuda",
                     p_value=float(p_value), p_value_scope=scope, recognize=recognize,
                     cache=flags["cache"] is not False, target_dist_path=target_dist,
                     requested=list(prompts), prompts=list(prompts))
@@ -429,7 +413,7 @@ class BiomedParseBackend:
         and ``slice_shape`` ([B, 2])."""
         torch = self._torch
         size = int(context.get("image_size", MODEL_SIZE))
-        exact = bool(context.get("exact", _device_kind(self.device) == "cpu"))
+        exact = bool(context.get("exact", device_kind(self.device) == "cpu"))
         self._use_layout(exact)
         slices = np.asarray(slices)
         rows, cols = slices.shape[1:3]
@@ -452,7 +436,7 @@ class BiomedParseBackend:
         import contextlib
 
         torch = self._torch
-        if context.get("amp") and _device_kind(self.device) == "cuda":
+        if context.get("amp") and device_kind(self.device) == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
@@ -570,11 +554,11 @@ class BiomedParseBackend:
         # so every map is resized as its own plane (a prompt's result then never depends on the others);
         # joint mode keeps the reference's layout for the first resize (prompts as channels).
         feats = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
-        if _device_kind(self.device) != "cuda" or not context.get("amp"):
+        if device_kind(self.device) != "cuda" or not context.get("amp"):
             for k in ("mask_features", "ms0", "ms1", "ms2"):
                 feats[k] = feats[k].float()
         state = self._decode
-        self._use_layout(bool(context.get("exact", _device_kind(self.device) == "cpu")))
+        self._use_layout(bool(context.get("exact", device_kind(self.device) == "cpu")))
         with torch.no_grad():
             logits = self._select_logits(feats, prompts, state.joint, context)
             b, p, h, w = logits.shape
@@ -744,7 +728,7 @@ class BiomedParseBackend:
             except (CancelledError, InputError):
                 raise
             except Exception as exc:  # noqa: BLE001 - torch's OOM types differ by device
-                if not _is_oom(exc):
+                if not is_out_of_memory(exc):
                     raise
                 self._free_memory()
                 if plan.batch_size is None and batch > 1:  # our own guess was too big: halve, keep the cache
@@ -769,7 +753,7 @@ class BiomedParseBackend:
         }
         if plan.recognize:
             self.last_run["recognized"] = [p for p in plan.prompts if probs[p].max() > 0.5]
-        if _device_kind(self.device) == "cuda":
+        if device_kind(self.device) == "cuda":
             torch.cuda.empty_cache()
         progress("BiomedParse: done", 1, 1)
         return {p: np.ascontiguousarray(probs[p], dtype=np.float32) for p in plan.prompts}
@@ -811,8 +795,8 @@ class BiomedParseBackend:
         import psutil
 
         held = self._cache_bytes()
-        ram = (psutil.virtual_memory().available + (held if _device_kind(self.device) == "cpu" else 0)) * CACHE_SHARE
-        kind = _device_kind(self.device)
+        ram = (psutil.virtual_memory().available + (held if device_kind(self.device) == "cpu" else 0)) * CACHE_SHARE
+        kind = device_kind(self.device)
 
         def to_cpu_half(features):
             return {k: v.to("cpu", torch.float16) if v.is_floating_point() else v.to("cpu")
@@ -841,9 +825,7 @@ class BiomedParseBackend:
                    for per_slice in entry.values() for v in per_slice.values())
 
     def _free_memory(self) -> None:
-        gc.collect()
-        if _device_kind(self.device) == "cuda":
-            self._torch.cuda.empty_cache()
+        release_memory(self.device)
 
 
 def recognize_slice(probs, order: list[int]) -> dict:

@@ -27,7 +27,6 @@ dataset's labels at once).
 """
 from __future__ import annotations
 
-import gc
 import math
 
 import numpy as np
@@ -35,6 +34,7 @@ import numpy as np
 from ...catalog import get_model
 from ...errors import DependencyMissingError, InputError, OutOfMemoryError
 from ...imaging_guess import guess_modality
+from ...inference.device import device_kind, free_memory_bytes, is_out_of_memory, release_memory
 from ...volume import Volume
 from ...weights import resolve_weights
 from . import tasks
@@ -52,11 +52,6 @@ WINDOW_BYTES = {"cpu": 4.2e9, "cuda_amp": 2.5e9, "cuda": 4.5e9}
 MAX_BATCH = {"cpu": 1, "mps": 2, "cuda": 8}
 #: Share of the free memory the windows may take (the rest: accumulators, other programs).
 MEMORY_SHARE = 0.6
-
-
-def _is_oom(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
 
 
 def modality_from(volume: Volume, options: dict) -> tuple[int, str]:
@@ -94,16 +89,9 @@ def window_from(options: dict) -> tuple[int, int, int]:
 
 def auto_batch_size(device: str, window=(128, 128, 128), amp: bool | None = None, free_bytes: int | None = None) -> int:
     """Windows per forward pass that fit in ``MEMORY_SHARE`` of the free memory (at least 1)."""
-    kind = "cuda" if device.startswith("cuda") else ("mps" if device.startswith("mps") else "cpu")
+    kind = device_kind(device)
     if free_bytes is None:
-        if kind == "cuda":
-            import torch
-
-            free_bytes = int(torch.cuda.mem_get_info(torch.device(device))[0])
-        else:
-            import psutil
-
-            free_bytes = int(psutil.virtual_memory().available)
+        free_bytes = free_memory_bytes(device)
     per_window = WINDOW_BYTES["cuda_amp" if kind == "cuda" and amp is not False else
                               "cuda" if kind == "cuda" else "cpu"] * math.prod(window) / 128 ** 3
     return max(1, min(MAX_BATCH[kind], int(free_bytes * MEMORY_SHARE // per_window)))
@@ -179,7 +167,7 @@ class HermesBackend:
                                          cancelled=cancelled)
                 break
             except Exception as exc:
-                if not _is_oom(exc):
+                if not is_out_of_memory(exc):
                     raise
             # out of memory; the exception (and the frames holding its tensors) is gone here
             self._free_memory()
@@ -193,8 +181,4 @@ class HermesBackend:
         return {p: np.ascontiguousarray(prob[c], dtype=np.float32) for p, c in plan["prompt_channel"].items()}
 
     def _free_memory(self) -> None:
-        gc.collect()
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
+        release_memory(self.device)
