@@ -55,10 +55,6 @@ def no_weights_dir(monkeypatch):
     monkeypatch.delenv("BIOMEDSEG_WEIGHTS_DIR", raising=False)
 
 
-IntensityNet = intensity_net
-stand_in_backend = hermes_with
-
-
 def run_backend(backend, volume, prompts, options=None, events=None, cancelled=lambda: False):
     progress = (lambda *a: events.append(a)) if events is not None else (lambda *a: None)
     return backend.predict(volume, prompts, progress=progress, cancelled=cancelled, options=options or {})
@@ -163,7 +159,7 @@ GEOMETRY_CASES = {
 def test_mask_lands_on_the_sphere_in_patient_space(case):
     vol = sphere_volume(*GEOMETRY_CASES[case])
     assert not np.allclose(vol.spacing, 1.5)
-    backend = stand_in_backend(IntensityNet(intensity_threshold(vol)))
+    backend = hermes_with(intensity_net(intensity_threshold(vol)))
     prob = run_backend(backend, vol, ["liver"])["liver"]
     assert prob.shape == vol.shape and prob.dtype == np.float32
     assert backend.last_run["modality_id"] == 0 and backend.last_run["window"] == (128, 128, 128)
@@ -204,7 +200,7 @@ def test_a_mirrored_or_swapped_chain_fails_the_sphere_check(bug, monkeypatch):
     from biomedseg.models.hermes import preprocess
 
     vol = sphere_volume(*GEOMETRY_CASES["lps_permuted"])
-    net = IntensityNet(intensity_threshold(vol), mirror=bug == "mirror", swap=bug == "swap")
+    net = intensity_net(intensity_threshold(vol), mirror=bug == "mirror", swap=bug == "swap")
     if bug == "no_redirect_inverse":
         original = preprocess.to_input_grid
 
@@ -213,7 +209,7 @@ def test_a_mirrored_or_swapped_chain_fails_the_sphere_check(bug, monkeypatch):
             return original(prob, prepared, *a, **kw)
 
         monkeypatch.setattr(preprocess, "to_input_grid", forgetful)
-    prob = run_backend(stand_in_backend(net), vol, ["liver"])["liver"]
+    prob = run_backend(hermes_with(net), vol, ["liver"])["liver"]
     wrong, inside, _ = sphere_mismatch(vol, prob > 0.5)
     assert wrong > 0.2 * inside
 
@@ -250,7 +246,7 @@ def test_backend_checks_prompts_and_options_before_heavy_work(monkeypatch):
         raise AssertionError("preprocessing started before the request was checked")
 
     monkeypatch.setattr(inference, "predict_on_volume", no_heavy_work)
-    backend = stand_in_backend(IntensityNet(0.0))
+    backend = hermes_with(intensity_net(0.0))
     for prompts, options, match in ((["tumour of the livr"], {}, "no task"),
                                      (["liver"], {"modality": "US"}, "CT, PET and MRI"),
                                      (["liver"], {"window": 40}, "multiple of 16"),
@@ -282,21 +278,21 @@ def test_missing_weights_say_where_to_get_them(tmp_path, monkeypatch, checkpoint
 
 def test_cancel_between_windows():
     vol = small_ct()
-    net = IntensityNet(0.0)
+    net = intensity_net(0.0)
     events = []
 
     def cancel_after_two_windows():
         return sum(1 for e in events if e[0] == "Hermes sliding window") >= 2
 
     with pytest.raises(CancelledError):  # window 16 -> many windows
-        run_backend(stand_in_backend(net), vol, ["liver"], {"window": 16, "batch_size": 1}, events,
+        run_backend(hermes_with(net), vol, ["liver"], {"window": 16, "batch_size": 1}, events,
                     cancelled=cancel_after_two_windows)
     assert net.calls == 2
     totals = {t for s, _, t in events if s == "Hermes sliding window"}
     assert len(totals) == 1 and totals.pop() > 2
     net.calls = 0
     with pytest.raises(CancelledError):  # already cancelled: nothing runs
-        run_backend(stand_in_backend(net), vol, ["liver"], cancelled=lambda: True)
+        run_backend(hermes_with(net), vol, ["liver"], cancelled=lambda: True)
     assert net.calls == 0
 
 
@@ -326,7 +322,7 @@ def test_modality_from_option_dicom_tag_or_intensities():
 
 def test_prompts_map_to_channels_and_modality_picks_the_dataset():
     vol = small_ct()
-    backend = stand_in_backend(IntensityNet(0.0))
+    backend = hermes_with(intensity_net(0.0))
     plan = backend.plan(vol, ["liver", "kidneys", "left kidney", "l kidney"], {})
     assert plan["task_ids"] == [9, 2, 6] and plan["prompt_channel"] == {"liver": 0, "kidneys": 1, "left kidney": 2,
                                                                           "l kidney": 2}
@@ -354,7 +350,7 @@ def test_out_of_memory_halves_an_automatic_batch_but_not_a_chosen_one(monkeypatc
     class Greedy(torch.nn.Module):
         def __init__(self, threshold):
             super().__init__()
-            self.inner = IntensityNet(threshold)
+            self.inner = intensity_net(threshold)
 
         def forward(self, x, tgt_idx, mod_idx):
             if x.shape[0] > 1:
@@ -363,7 +359,7 @@ def test_out_of_memory_halves_an_automatic_batch_but_not_a_chosen_one(monkeypatc
 
     monkeypatch.setattr(hb, "auto_batch_size", lambda *a, **kw: 4)
     vol = small_ct()
-    backend = stand_in_backend(Greedy(0.0))
+    backend = hermes_with(Greedy(0.0))
     events = []
     out = run_backend(backend, vol, ["liver"], {"window": 16}, events)
     assert backend.last_run["batch_size"] == 1 and out["liver"].shape == vol.shape

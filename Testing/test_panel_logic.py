@@ -76,9 +76,7 @@ def deepbet_run(colin_path, colin_bet_path, client):
         node = sb.node_from_volume(scene, volume, "ch2")
         controller = pl.PanelController(scene, client=client)
         info = controller.describe_volume(node)
-        state = pl.PanelState(model="deepbet", prompts=["brain"],
-                              modality=pl.match_modality(info["guess"].modality, pl.modalities_for("deepbet")),
-                              site=pl.match_site(info["guess"].site, pl.sites_for("deepbet")))
+        state = pl.state_for_guess("deepbet", ["brain"], info["guess"])
         nodes_before = scene.GetNumberOfNodes()
         t0 = time.monotonic()
         job = controller.start(state, node)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "BiomedSeg"))
+import common  # noqa: E402,F401  (puts the engine on sys.path)
 
 from biomedseg.worker.client import WorkerClient  # noqa: E402
 

@@ -39,9 +39,7 @@ def capture_run(image: Path = COLIN) -> dict:
         controller = pl.PanelController(scene)
         try:
             info = controller.describe_volume(node)
-            state = pl.PanelState(model="deepbet", prompts=["brain"],
-                                  modality=pl.match_modality(info["guess"].modality, pl.modalities_for("deepbet")),
-                                  site=pl.match_site(info["guess"].site, pl.sites_for("deepbet")))
+            state = pl.state_for_guess("deepbet", ["brain"], info["guess"])
             controller.start(state, node)
             first = controller.wait(timeout=600)
             if first.state != "done":

@@ -340,6 +340,12 @@ def match_modality(guess: str, choices: list[str]) -> str:
     return same[0] if same else guess
 
 
+def state_for_guess(model: str, prompts: list[str], guess: Guess) -> PanelState:
+    """A run request for ``model`` with the guessed modality and site in the model's own names."""
+    return PanelState(model=model, prompts=list(prompts), modality=match_modality(guess.modality, modalities_for(model)),
+                      site=match_site(guess.site, sites_for(model)))
+
+
 def match_site(guess: str, choices: list[str]) -> str:
     if not guess or not choices:
         return guess
@@ -1087,7 +1093,7 @@ def weights_progress(model_id: str) -> Callable[[], int | None]:
 
 
 __all__ = ["PanelState", "PanelController", "ModelChoice", "Guess", "Progress", "PanelMessage", "RunOutcome",
-           "PollResult", "button_states", "state_from_parameters", "model_choices", "model_states", "guess_modality_site", "suggestions", "modalities_for",
+           "PollResult", "button_states", "state_from_parameters", "state_for_guess", "model_choices", "model_states", "guess_modality_site", "suggestions", "modalities_for",
            "sites_for", "match_modality", "match_site", "build_request", "describe_progress", "describe_error",
            "install_plan", "download_plan", "missing_requirements", "isolated_environment", "missing_engine_packages", "BackgroundSteps", "constraints_for_installed", "parse_prompts",
            "join_prompts", "read_dicom_tags", "order_dicom_files", "weights_progress", "crop_box", "crop_volume",
