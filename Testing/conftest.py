@@ -17,7 +17,7 @@ PARITY_DIR = Path(os.environ.get("BIOMEDSEG_PARITY_DIR")
 COLIN = Path("/usr/share/mricron/templates/ch2.nii.gz")
 COLIN_BET = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 
-#: The controllable test backend the worker tests register (see worker_test_models).
+#: Folder of the test model folders the worker tests register (see worker_test_models).
 WORKER_MODELS = Path(__file__).parent / "worker_models"
 
 
@@ -100,24 +100,31 @@ def mrml_scene():
 
 @contextlib.contextmanager
 def worker_test_models():
-    """Register the controllable test backend in this process and in the workers it starts.
+    """Register the controllable test models (the model folders under worker_models/) in this
+    process and in the workers it starts, through $BIOMEDSEG_EXTRA_MODELS as a site would.
 
-    Points BIOMEDSEG_EXTRA_MODELS at worker_models/test_models.json and puts worker_models/ on
-    PYTHONPATH (inherited by worker processes); both variables are restored on exit. The model
-    catalog cache is cleared on entry and exit so it is re-read with the current environment.
+    The variable is restored on exit; the catalogue cache is cleared on entry and exit so it is
+    re-read with the current environment.
     """
     from biomedseg.catalog import load_catalog
 
-    saved = {k: os.environ.get(k) for k in ("BIOMEDSEG_EXTRA_MODELS", "PYTHONPATH")}
-    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(WORKER_MODELS / "test_models.json")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKER_MODELS), saved["PYTHONPATH"]]))
+    saved = os.environ.get("BIOMEDSEG_EXTRA_MODELS")
+    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(WORKER_MODELS)
     load_catalog.cache_clear()
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if saved is None:
+            os.environ.pop("BIOMEDSEG_EXTRA_MODELS", None)
+        else:
+            os.environ["BIOMEDSEG_EXTRA_MODELS"] = saved
         load_catalog.cache_clear()
+
+
+def load_model_module(folder: str, name: str = "backend"):
+    """A module of a test model folder under worker_models/ (e.g. the Hermes stand-in's helpers)."""
+    path = WORKER_MODELS / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"worker_models_{folder}_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

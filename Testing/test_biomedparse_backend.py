@@ -47,8 +47,26 @@ def ct_volume(shape=(4, 36, 44), seed=0, direction=LPS, spacing=(0.8, 0.9, 2.5))
     return Volume(hu, affine(direction, spacing, (10.0, -20.0, 30.0)), name="ct", meta={"modality": "CT"})
 
 
-def run(backend, volume, prompts, **options):
-    return backend.predict(volume, prompts, progress=lambda *a: None, cancelled=lambda: False, options=options)
+def plan_of(backend, volume, prompts, options=None, plane="axial"):
+    """The backend's plan as the engine makes it: declared options checked, defaults filled."""
+    from biomedseg.catalog import get_model
+    from biomedseg.catalog import check_options
+    from biomedseg.prompts import PromptSet
+
+    options = check_options("biomedparse-v1", get_model("biomedparse-v1").options, options)
+    return backend.plan(volume, PromptSet(texts=list(prompts), targets=list(prompts)), options, plane=plane)
+
+
+def run(backend, volume, prompts, region=None, **options):
+    """The engine's run with ``backend`` as the warm model: probabilities per prompt on the full grid."""
+    from biomedseg.engine import loading, segment
+
+    key = loading.warm_key("biomedparse-v1", "cpu", str(backend.weights_path))
+    loading._WARM[key] = backend
+    loading._WARM.move_to_end(key)
+    result = segment(volume, "biomedparse-v1", prompts, device="cpu", weights=str(backend.weights_path),
+                     keep_probabilities=True, options=options, region=region)
+    return result.probabilities
 
 
 # ---- fixtures ---------------------------------------------------------------------------
@@ -87,9 +105,9 @@ def checkpoint(weights_dir):
 
 @pytest.fixture(scope="module")
 def backend(checkpoint):
-    from biomedseg.models.biomedparse.backend import BiomedParseBackend
+    from biomedseg.engine import load_backend
 
-    return BiomedParseBackend("cpu", str(checkpoint))
+    return load_backend("biomedparse-v1", "cpu", str(checkpoint))[0]
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +189,7 @@ def test_cli_segments_a_ct_file_into_a_slicer_segmentation(checkpoint, tmp_path)
     names = [seg["name"] for seg in segmentation["segments"]]
     assert names and set(names) <= {"liver", "spleen"}
     # the same run in this process, on the volume as read back from the file
-    from biomedseg.inference.runner import segment
+    from biomedseg.engine import segment
 
     volume = read_volume(ct)
     expected = {s.name: s.mask for s in segment(volume, "biomedparse-v1", ["liver", "spleen"], device="cpu",
@@ -219,12 +237,13 @@ def test_cache_falls_back_to_half_precision_or_off_when_memory_is_short(backend,
     import collections
 
     from biomedseg.models.biomedparse import backend as bb
+    from biomedseg.models.biomedparse import sizing
 
-    plan = backend.plan(ct_volume(), ["liver"], SMALL)
+    plan = plan_of(backend, ct_volume(), ["liver"], SMALL).details
     backend.cache.clear()
     per_slice32 = bb.feature_bytes(128, 4)
     fake = collections.namedtuple("mem", "available")
-    monkeypatch.setattr("psutil.virtual_memory", lambda: fake(int(10 * per_slice32 / bb.CACHE_SHARE)))
+    monkeypatch.setattr("psutil.virtual_memory", lambda: fake(int(10 * per_slice32 / sizing.CACHE_SHARE)))
     assert backend._cache_for(plan, 10)[1].startswith("float32")
     cache, note = backend._cache_for(plan, 15)
     assert note.startswith("float16") and cache.offload is not None
@@ -246,8 +265,8 @@ def test_per_prompt_result_does_not_depend_on_the_other_prompts(backend):
 
 
 def test_joint_mode_equals_the_models_joint_inference(backend):
-    """Same slice through the library's own preprocessing and joint ``decode_prompts``, then un-padded."""
-    from biomedseg.models.biomedparse.inference import decode_prompts, encode_prompts
+    """Same slice through the library's own preprocessing and joint ``inference.decode``, then un-padded."""
+    from biomedseg.models.biomedparse.inference import TextCache, decode
     from biomedseg.models.biomedparse.preprocess import pad_to_square, resize_spline, restore_geometry, scale_to_255
 
     vol = ct_volume(shape=(1, 36, 44), seed=3)
@@ -258,10 +277,10 @@ def test_joint_mode_equals_the_models_joint_inference(backend):
     model = backend.model
     with torch.no_grad():
         feats = model.image_features(model.normalize(rgb))
-        feats["input_size"] = (128, 128)
-        pred = decode_prompts(model, feats, encode_prompts(model, backend.tokenizer, prompts), mode="joint")
+        texts = TextCache(model, backend.tokenizer).groups(prompts, joint=True)
+        pred = decode(model, feats, texts, (128, 128), joint=True)
     for i, p in enumerate(prompts):  # the engine restores each map as its own plane
-        np.testing.assert_array_equal(ours[p][0], restore_geometry(pred.probs[i:i + 1], (36, 44))[0].numpy())
+        np.testing.assert_array_equal(ours[p][0], restore_geometry(pred.probs[0, i:i + 1], (36, 44))[0].numpy())
 
 
 @pytest.mark.slow
@@ -287,6 +306,7 @@ def test_slice_p_values_match_the_authors_and_reject_per_slice(backend, target_d
     below the threshold are zeroed (scope 'slice') or only counted (scope 'volume')."""
     from PIL import Image
 
+    from biomedseg.models.biomedparse.recognition import SliceChecks, slice_p_values
     from biomedseg.models.biomedparse.targets import find_check
 
     ref = json.loads(_require(BP / "pvalues.json").read_text())
@@ -299,30 +319,36 @@ def test_slice_p_values_match_the_authors_and_reject_per_slice(backend, target_d
     probs = torch.from_numpy(synthetic / 255.0)[None, None].repeat(1, 3, 1, 1).float()
     for scope in ("slice", "volume"):
         backend.configure_decoding(p_value=0.3, p_value_scope=scope, checks=checks, params=params)
-        pvals = backend._slice_p_values(probs, images, prompts, backend._decode)
+        state = backend._checks  # what the backend's decode applies
+        assert isinstance(state, SliceChecks) and state.params == params
+        pvals = slice_p_values(probs, images, prompts, state.params)
         for i, p in enumerate(prompts):
             np.testing.assert_allclose(pvals[(0, i)], ref[p]["synthetic_mask"]["p_value"], rtol=1e-6)
-        out = backend._apply_p_values(probs.clone(), images, prompts, backend._decode)
+        out = state.apply(probs.clone(), images, prompts)
         kept = [bool(out[0, i].max() > 0) for i in range(3)]
         assert kept == ([True, True, False] if scope == "slice" else [True, True, True])  # 0.72, 0.35, 0.09
-        assert backend._decode.records["COVID-19 infection"] == {"checked": 1, "rejected": 1, "passed": 0}
+        assert state.records["COVID-19 infection"] == {"checked": 1, "rejected": 1, "passed": 0}
+        assert state.absent_in_volume() == ([] if scope == "slice" else ["COVID-19 infection"])
     backend.configure_decoding()
 
 
-def test_runner_reports_implausible_targets_absent(backend, checkpoint, monkeypatch):
+def test_engine_reports_implausible_targets_absent_with_the_reason(backend, checkpoint, monkeypatch):
     """With the test's random weights every 'liver' mask fails the authors' test (p = 0, as in the
-    fixtures), so the runner reports it absent; 'kidney cyst' has no reference distribution and stays."""
-    from biomedseg.inference import runner
+    fixtures), so the engine reports it absent and says why; 'kidney cyst' has no reference distribution
+    and stays."""
+    from biomedseg.engine import loading, segment
 
-    monkeypatch.setitem(runner._WARM, ("biomedparse-v1", "cpu", str(checkpoint)), backend)
+    monkeypatch.setitem(loading._WARM, ("biomedparse-v1", "cpu", str(checkpoint)), backend)
     vol = ct_volume(seed=4)
     prompts = ["liver", "kidney cyst"]
-    plain = runner.segment(vol, "biomedparse-v1", prompts, device="cpu", weights=str(checkpoint), options=SMALL)
+    plain = segment(vol, "biomedparse-v1", prompts, device="cpu", weights=str(checkpoint), options=SMALL)
     assert sorted(s.name for s in plain.segments) == sorted(prompts) and plain.absent == []
     for scope in ("slice", "volume"):
-        checked = runner.segment(vol, "biomedparse-v1", prompts, device="cpu", weights=str(checkpoint),
-                                 options={"image_size": 128, "p_value_scope": scope})
+        checked = segment(vol, "biomedparse-v1", prompts, device="cpu", weights=str(checkpoint),
+                          options={"image_size": 128, "p_value_scope": scope})
         assert checked.absent == ["liver"] and [s.name for s in checked.segments] == ["kidney cyst"]
+        assert "plausibility test rejected it on all" in checked.absent_reasons["liver"]
+        assert checked.report["p_values"]["liver"]["rejected"] > 0  # the backend's report reaches the caller
         report = backend.last_run["p_values"]
         assert report["liver"]["modality_type"] == "CT-Abdomen"
         assert report["liver"]["checked"] == report["liver"]["rejected"] > 0
@@ -332,8 +358,8 @@ def test_runner_reports_implausible_targets_absent(backend, checkpoint, monkeypa
     backend._target_dist, saved = None, backend._target_dist
     monkeypatch.setattr(backend, "weights_path", checkpoint.parent / "elsewhere" / checkpoint.name)
     try:
-        result = runner.segment(vol, "biomedparse-v1", ["liver"], device="cpu", weights=str(checkpoint),
-                                options={"image_size": 128})
+        result = segment(vol, "biomedparse-v1", ["liver"], device="cpu", weights=str(checkpoint),
+                         options={"image_size": 128})
         assert [s.name for s in result.segments] == ["liver"]
         assert "target_dist.json unavailable" in backend.last_run["p_values"]["liver"]
     finally:
@@ -351,7 +377,7 @@ def _maps(*rows_values):
 
 
 def test_recognition_rules_on_one_slice():
-    from biomedseg.models.biomedparse.backend import recognize_slice
+    from biomedseg.models.biomedparse.recognition import recognize_slice
 
     def rows(mask):
         return sorted({int(r) for r in torch.nonzero(mask)[:, 0]})
@@ -380,8 +406,10 @@ def test_recognition_over_a_volume(backend, target_dist):
     candidates = recognition_targets("CT", "abdomen", target_dist)
     assert "liver" in candidates and "tumor" not in candidates  # no reference distribution for 'tumor'
     plain = run(backend, vol, candidates, **SMALL)
-    found = run(backend, vol, ["liver"], **{**SMALL, "recognize": True})
+    found = run(backend, vol, candidates, **{**SMALL, "recognize": True})
     assert set(found) == set(candidates) and backend.last_run["encoded_slices"] == 0
+    only_liver = run(backend, vol, ["liver"], **{**SMALL, "recognize": True})  # the others still compete
+    assert set(only_liver) == {"liver"} and np.array_equal(only_liver["liver"], found["liver"])
     stack = np.stack([found[c] > 0.5 for c in candidates])
     assert stack.sum(0).max() <= 1  # one target per voxel
     for c in candidates:  # a recognised target keeps its own probabilities on the voxels it wins
@@ -397,6 +425,8 @@ def test_recognition_over_a_volume(backend, target_dist):
 
 # ---- (e) errors come first, with a sentence to act on --------------------------------------
 def test_bad_options_and_modalities_are_refused_before_any_work(backend):
+    from biomedseg.geometry import make_region
+
     vol = ct_volume()
     before = backend.encoded_slices
     pet = Volume(vol.array, vol.ijk_to_ras, meta={"modality": "PT"})
@@ -405,42 +435,48 @@ def test_bad_options_and_modalities_are_refused_before_any_work(backend):
             (pet, {}, "not trained on 'PT' images \\(the image's DICOM modality\\)"),
             (vol, {"site": "head"}, "no CT window for site 'head'"),
             (vol, {"image_size": 100}, "multiple of 32"),
-            (vol, {"plane": "oblique"}, "Unknown slice plane"),
-            (vol, {"joint": "yes"}, "'joint' must be true or false"),
-            (vol, {"p_value": 2}, "p_value must be a threshold"),
-            (vol, {"colour": "red"}, "Unknown BiomedParse option"),
+            (vol, {"joint": "yes"}, "Option 'joint' of model 'biomedparse-v1' must be true or false"),
+            (vol, {"p_value": 2}, "Option 'p_value' of model 'biomedparse-v1' must be at most"),
+            (vol, {"colour": "red"}, "Model 'biomedparse-v1' has no option 'colour'"),
             (vol, {"recognize": True, "joint": True}, "cannot be combined"),
-            (vol, {"roi": "everything"}, "roi must be a RAS box"),
-            (vol, {"slice_range": 3}, "slice_range must be two whole numbers"),
-            (vol, {"slice_range": (1, 99), "image_size": 128}, "outside 0..3")):
+            (vol, {"slice_range": [1, 2]}, "has no option 'slice_range'")):  # the engine's region now
         with pytest.raises(InputError, match=match):
             run(backend, volume, ["liver"], **options)
+    for region, match in ((lambda: make_region("oblique"), "Unknown slice plane"),
+                          (lambda: make_region("axial", None, "everything"), "must be an RAS box"),
+                          (lambda: make_region("axial", 3), "two whole numbers"),
+                          (lambda: make_region("axial", (1, 99)), "outside 0..3")):
+        with pytest.raises(InputError, match=match):
+            run(backend, vol, ["liver"], region=region(), image_size=128)
     assert backend.encoded_slices == before
 
 
 def test_modality_and_site_defaults(backend):
     vol = ct_volume()
-    plan = backend.plan(vol, ["liver"])
+    plan = plan_of(backend, vol, ["liver"]).details
     assert (plan.modality, plan.site, plan.window) == ("CT", "abdomen", (-150.0, 250.0))
     assert plan.modality_source == "DICOM modality CT" and plan.site_source == "default"
     assert plan.image_size == 1024 and plan.exact is True and plan.p_value == 0.05 and not plan.joint
+    assert plan_of(backend, vol, ["liver"]).batch_size == 1 and plan_of(backend, vol, ["liver"], {"batch_size": 3}).batch_size == 3
     chest = Volume(vol.array, vol.ijk_to_ras, meta={"modality": "CT", "body_part": "CHEST"})
-    assert backend.plan(chest, ["nodule"]).window == (-1000.0, 1000.0)
+    assert plan_of(backend, chest, ["nodule"]).details.window == (-1000.0, 1000.0)
     untagged = Volume(vol.array, vol.ijk_to_ras)
-    assert backend.plan(untagged, ["liver"]).modality == "CT"  # HU-like values
+    assert plan_of(backend, untagged, ["liver"]).details.modality == "CT"  # HU-like values
     mr = Volume(np.abs(vol.array), vol.ijk_to_ras, meta={"modality": "MR", "series_description": "AX FLAIR"})
-    plan = backend.plan(mr, ["edema"], {"site": "head"})
+    plan = plan_of(backend, mr, ["edema"], {"site": "head"}).details
     assert (plan.modality, plan.site, plan.window) == ("MRI-FLAIR", "brain", None)
-    assert backend.plan(Volume(np.abs(vol.array), vol.ijk_to_ras), ["liver"]).modality == "MRI"
-    other = backend.plan(Volume(vol.array, vol.ijk_to_ras, meta={"modality": "OT"}), ["liver"])
+    assert plan_of(backend, Volume(np.abs(vol.array), vol.ijk_to_ras), ["liver"]).details.modality == "MRI"
+    other = plan_of(backend, Volume(vol.array, vol.ijk_to_ras, meta={"modality": "OT"}), ["liver"]).details
     assert other.modality == "CT" and "'OT' names no imaging modality" in other.modality_source
     with pytest.raises(InputError, match="not trained on 'PT' images"):
-        backend.plan(Volume(vol.array, vol.ijk_to_ras, meta={"modality": "PT"}), ["liver"])
+        plan_of(backend, Volume(vol.array, vol.ijk_to_ras, meta={"modality": "PT"}), ["liver"])
 
 
 def test_device_preprocessing_is_close_to_the_authors(backend):
     """The batched torch path (GPU default) against the authors' spline path, per slice, for a CT window,
     percentile clipping and an RGB image, up- and downsampling, non-square slices."""
+    from biomedseg.models.biomedparse.preprocess import prepare_exact, prepare_torch
+
     rng = np.random.default_rng(7)
     ct = ct_volume(shape=(2, 36, 44)).array
     mr = np.abs(ct).astype(np.float32) + rng.random(ct.shape).astype(np.float32)
@@ -452,8 +488,9 @@ def test_device_preprocessing_is_close_to_the_authors(backend):
                                   (rgb, {"preprocess": "rgb", "window": None}, 128),
                                   (ct, {"preprocess": "ct", "window": (-1000.0, 1000.0)}, 32),
                                   (big, {"preprocess": "ct", "window": (-150.0, 250.0)}, 128)):
-        fast = backend._prepare_torch(slices, context, size).permute(0, 2, 3, 1).numpy()
-        exact = np.stack([backend._prepare_exact(s, context, size) for s in slices])
+        window, rgb = context["window"], context["preprocess"] == "rgb"
+        fast = prepare_torch(slices, size, window=window, rgb=rgb, device=backend.device).permute(0, 2, 3, 1).numpy()
+        exact = np.stack([prepare_exact(s, size, window=window, rgb=rgb) for s in slices])
         assert fast.shape == exact.shape == (len(slices), size, size, 3) and fast.dtype == np.uint8
         diff = np.abs(fast.astype(int) - exact.astype(int))
         assert diff.max() <= 16 and diff.mean() < 1.5, (context["preprocess"], size, diff.max(), diff.mean())
@@ -469,15 +506,18 @@ def test_colour_images_run_as_rgb(backend):
 
 
 def test_roi_and_slice_range_restrict_the_slices(backend):
+    """The engine's region: only those slices are encoded, and nothing is written outside it."""
+    from biomedseg.geometry import make_region
+
     vol = ct_volume(seed=6)
     backend.cache.clear()
-    out = run(backend, vol, ["liver"], **{**SMALL, "slice_range": (1, 2)})
+    out = run(backend, vol, ["liver"], region=make_region("axial", (1, 2)), **SMALL)
     assert backend.last_run["encoded_slices"] == 2
     assert out["liver"][[0, 3]].max() == 0 and out["liver"][1:3].max() > 0
     ras = vol.ras_of_voxels()
     lo, hi = ras[0, 5, 6], ras[3, 20, 30]
-    out = run(backend, vol, ["liver"], **{**SMALL, "roi": {"min": np.minimum(lo, hi).tolist(),
-                                                           "max": np.maximum(lo, hi).tolist()}})
+    out = run(backend, vol, ["liver"], region=make_region("axial", None, (np.minimum(lo, hi), np.maximum(lo, hi))),
+              **SMALL)
     inside = np.zeros(vol.shape, bool)
     inside[0:4, 5:21, 6:31] = True
     assert out["liver"][~inside].max() == 0 and out["liver"][inside].max() > 0
@@ -488,11 +528,10 @@ def test_missing_weights_offline_and_gated_refusal(tmp_path, monkeypatch):
     from huggingface_hub.errors import GatedRepoError
 
     from biomedseg.catalog import get_model
-    from biomedseg.inference.runner import segment
-    from biomedseg.models.biomedparse.backend import BiomedParseBackend
+    from biomedseg.engine import load_backend, segment
 
     with pytest.raises(WeightsMissingError, match="not in the hub cache and offline mode is on") as err:
-        BiomedParseBackend("cpu", None)
+        load_backend("biomedparse-v1", "cpu", None)
     assert err.value.kind == "weights_missing" and "--weights" in str(err.value)
     with pytest.raises(WeightsMissingError, match="not found at"):
         segment(ct_volume(), "biomedparse-v1", ["liver"], device="cpu", weights=str(tmp_path / "absent.pt"))
@@ -539,8 +578,12 @@ def test_tokenizer_vocabulary_sources(backend, tmp_path, monkeypatch):
 
 def test_catalogue_entry_is_wired():
     from biomedseg.catalog import get_model
-    from biomedseg.models.base import backend_class
+    from biomedseg.models.biomedparse.backend import DEFAULT_P_VALUE
+    from biomedseg.models.biomedparse.preprocess import MODEL_SIZE
 
     entry = get_model("biomedparse-v1")
-    assert entry.backend == "biomedseg.models.biomedparse.backend:BiomedParseBackend"
-    assert backend_class(entry.backend).__name__ == "BiomedParseBackend" and entry.requires == ["torch"]
+    assert entry.backend == "backend:BiomedParseBackend"  # relative to the model's folder
+    assert entry.resolve(entry.backend).__name__ == "BiomedParseBackend" and entry.requires == ["torch"]
+    # the defaults model.json declares are the ones the backend applies
+    assert entry.options["p_value"]["default"] == DEFAULT_P_VALUE
+    assert entry.options["image_size"]["default"] == MODEL_SIZE

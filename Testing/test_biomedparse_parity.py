@@ -4,7 +4,10 @@ The fixtures (shared/parity/biomedparse_v1, see its README) come from the author
 inference code run on CPU with deterministic name-keyed weights (shared/parity/detweights.py)
 on a real CT slice (pydicom's CT_small.dcm) with the prompts 'liver', 'left kidney',
 'COVID-19 infection'. Tolerances are the README's (about 10x the 1-vs-2-thread noise).
-The model is built and run once per module (about a minute on 2 CPU cores).
+The model is built and run once per module (about a minute on 2 CPU cores), through
+``inference`` -- the same encode, text, decode and upsampling functions the engine's backend
+calls -- and the preprocessing through ``preprocess.prepare_exact`` / ``prepare_torch``, which
+the backend calls too.
 The tokenizer reads CLIP's BPE merges from the open_clip_torch wheel's data
 (``pip install open_clip_torch --no-deps``; open_clip itself is never imported).
 """
@@ -94,7 +97,7 @@ def det_state(detweights, used_keys):
 
 @pytest.fixture(scope="module")
 def model(det_state):
-    from biomedseg.models.biomedparse.model import build_biomedparse_v1
+    from biomedseg.models.biomedparse.checkpoint import build_biomedparse_v1
 
     return build_biomedparse_v1(state_dict=det_state)
 
@@ -132,8 +135,7 @@ def test_model_names_and_shapes_are_the_checkpoints_minus_the_listed_unused(keys
 
 
 def test_checkpoint_file_loads_strictly_after_dropping_listed_keys(tmp_path, detweights, keys, det_state, caplog):
-    from biomedseg.models.biomedparse.checkpoint import load_state_dict_from_checkpoint
-    from biomedseg.models.biomedparse.model import build_biomedparse_v1
+    from biomedseg.models.biomedparse.checkpoint import build_biomedparse_v1, load_state_dict_from_checkpoint
 
     unused = detweights.det_state_dict({k: s for k, s in keys.items() if k not in det_state})
     path = tmp_path / "biomedparse_v1.pt"
@@ -151,8 +153,8 @@ def test_checkpoint_file_loads_strictly_after_dropping_listed_keys(tmp_path, det
 
 
 def test_missing_unexpected_or_misshaped_weights_raise_clear_errors(tmp_path, det_state):
-    from biomedseg.models.biomedparse.checkpoint import CheckpointMismatchError, load_state_dict_from_checkpoint
-    from biomedseg.models.biomedparse.model import build_biomedparse_v1
+    from biomedseg.models.biomedparse.checkpoint import (CheckpointMismatchError, build_biomedparse_v1,
+                                                         load_state_dict_from_checkpoint)
 
     missing = dict(det_state)
     del missing["backbone.norm3.weight"]
@@ -289,11 +291,12 @@ def test_pixel_decoder_features(joint, expected):
 
 
 def test_text_embeddings(joint, expected):
-    text = joint.extras["text"]
-    _assert_close("token_emb", text["token_emb"], expected["token_emb"], EMB_ATOL)
-    _assert_close("class_emb", text["class_emb"], expected["class_emb"], EMB_ATOL)
-    grounding = text["token_emb"][text["attention_mask"].bool()]
+    (text,) = joint.extras["texts"]  # joint: the list encoded as one batch
+    _assert_close("token_emb", text.token_emb, expected["token_emb"], EMB_ATOL)
+    _assert_close("class_emb", text.class_emb, expected["class_emb"], EMB_ATOL)
+    grounding = text.token_emb[text.attention_mask.bool()]
     _assert_close("grounding_tokens", grounding, expected["grounding_tokens"], EMB_ATOL)
+    assert torch.equal(text.tokens, grounding)  # what the decoder reads
 
 
 def test_decoder_outputs(model, joint, expected):
@@ -308,46 +311,67 @@ def test_decoder_outputs(model, joint, expected):
 
 
 def test_similarity_matching_and_probabilities(joint, expected):
-    _assert_close("sim", joint.sim, expected["sim"], SIM_ATOL)
-    np.testing.assert_array_equal(joint.matched_id.numpy(), expected["matched_id"])
-    _assert_close("sel_mask_logits", joint.sel_mask_logits, expected["sel_mask_logits"], LOGIT_ATOL)
-    _assert_close("probs", joint.probs, expected["probs"], PROB_ATOL)
+    _assert_close("sim", joint.sim[0], expected["sim"], SIM_ATOL)
+    np.testing.assert_array_equal(joint.matched_id[0].numpy(), expected["matched_id"])
+    _assert_close("sel_mask_logits", joint.logits[0], expected["sel_mask_logits"], LOGIT_ATOL)
+    _assert_close("probs", joint.probs[0], expected["probs"], PROB_ATOL)
 
 
-def test_contiguous_layout_with_frozen_parameters_stays_within_tolerance(model, joint, expected):
+def test_contiguous_layout_with_frozen_parameters_stays_within_tolerance(model, tokenizer, joint, expected):
     """The engine's alternative for frozen weights (contiguous sequences, requires_grad False)."""
-    from biomedseg.models.biomedparse.inference import decode_prompts
+    from biomedseg.models.biomedparse.inference import TextCache, decode
 
-    feats, text = joint.extras["features"], joint.extras["text"]
+    feats = joint.extras["features"]
     model.set_exact_layout(False).requires_grad_(False)
     try:
-        with torch.no_grad():
-            token_emb, class_emb = model.text_features(text["input_ids"])
-        _assert_close("token_emb (frozen)", token_emb, expected["token_emb"], EMB_ATOL)
-        pred = decode_prompts(model, feats, {**text, "token_emb": token_emb, "class_emb": class_emb}, mode="joint")
+        texts = TextCache(model, tokenizer).groups(PROMPTS, joint=True)
+        _assert_close("token_emb (frozen)", texts[0].token_emb, expected["token_emb"], EMB_ATOL)
+        pred = decode(model, feats, texts, (1024, 1024), joint=True)
     finally:
         model.set_exact_layout(True).requires_grad_(True)
-    np.testing.assert_array_equal(pred.matched_id.numpy(), expected["matched_id"])
-    _assert_close("sim (contiguous)", pred.sim, expected["sim"], SIM_ATOL)
-    _assert_close("sel_mask_logits (contiguous)", pred.sel_mask_logits, expected["sel_mask_logits"], LOGIT_ATOL)
-    _assert_close("probs (contiguous)", pred.probs, expected["probs"], PROB_ATOL)
+    np.testing.assert_array_equal(pred.matched_id[0].numpy(), expected["matched_id"])
+    _assert_close("sim (contiguous)", pred.sim[0], expected["sim"], SIM_ATOL)
+    _assert_close("sel_mask_logits (contiguous)", pred.logits[0], expected["sel_mask_logits"], LOGIT_ATOL)
+    _assert_close("probs (contiguous)", pred.probs[0], expected["probs"], PROB_ATOL)
 
 
 def test_per_prompt_mode_decodes_each_prompt_alone(model, tokenizer, joint):
-    from biomedseg.models.biomedparse.inference import decode_prompts, encode_prompts
+    from biomedseg.models.biomedparse.inference import TextCache, decode
 
     feats = joint.extras["features"]
     pair = ["COVID-19 infection", "liver"]
-    per = decode_prompts(model, feats, encode_prompts(model, tokenizer, pair, separately=True), mode="per_prompt")
-    alone = decode_prompts(model, feats, encode_prompts(model, tokenizer, ["liver"]), mode="joint")
-    assert per.probs.shape == (2, 1024, 1024) and per.sim.shape == (101, 2)
+    per = decode(model, feats, TextCache(model, tokenizer).groups(pair), (1024, 1024), keep_outputs=True)
+    alone = decode(model, feats, TextCache(model, tokenizer).groups(["liver"], joint=True), (1024, 1024), joint=True)
+    assert per.probs.shape == (1, 2, 1024, 1024) and per.sim.shape == (1, 101, 2)
     assert len(per.extras["decoder_outputs"]) == 2
     # the liver result does not depend on the other prompt: bit-identical to decoding 'liver' by itself
-    assert torch.equal(per.probs[1], alone.probs[0])
-    assert per.matched_id[1] == alone.matched_id[0]
+    assert torch.equal(per.probs[0, 1], alone.probs[0, 0])
+    assert per.matched_id[0, 1] == alone.matched_id[0, 0]
     # joint decoding mixes the prompts, so its liver mask differs
-    assert (joint.probs[0] - per.probs[1]).abs().max() > 1e-3
+    assert (joint.probs[0, 0] - per.probs[0, 1]).abs().max() > 1e-3
 
+
+
+def test_a_batch_of_slices_decodes_as_the_reference(model, tokenizer, joint, expected):
+    """The backend decodes B slices per pass with the same functions: each slice of a batch (here the
+    fixture's features twice) still matches the authors' outputs, prompt by prompt and jointly."""
+    from biomedseg.models.biomedparse.inference import TextCache, decode
+
+    feats = joint.extras["features"]
+    batch = {"mask_features": torch.cat([feats["mask_features"]] * 2),
+             "multi_scale_features": [torch.cat([m] * 2) for m in feats["multi_scale_features"]]}
+    texts = TextCache(model, tokenizer)
+    both = decode(model, batch, texts.groups(PROMPTS, joint=True), (1024, 1024), joint=True)
+    assert both.probs.shape == (2, 3, 1024, 1024) and both.sim.shape == (2, 101, 3)
+    for s in range(2):
+        np.testing.assert_array_equal(both.matched_id[s].numpy(), expected["matched_id"])
+        _assert_close(f"sim (slice {s})", both.sim[s], expected["sim"], SIM_ATOL)
+        _assert_close(f"sel_mask_logits (slice {s})", both.logits[s], expected["sel_mask_logits"], LOGIT_ATOL)
+        _assert_close(f"probs (slice {s})", both.probs[s], expected["probs"], PROB_ATOL)
+    one = decode(model, feats, texts.groups(PROMPTS), (1024, 1024))
+    per = decode(model, batch, texts.groups(PROMPTS), (1024, 1024))
+    for s in range(2):
+        _assert_close(f"per-prompt probs (slice {s})", per.probs[s], one.probs[0], PROB_ATOL)
 
 # ---- p-values ------------------------------------------------------------------------------
 def test_p_values_match(joint, ct_rgb):
@@ -362,7 +386,7 @@ def test_p_values_match(joint, ct_rgb):
         np.testing.assert_allclose(syn.p_value, r["synthetic_mask"]["p_value"], rtol=1e-12)
         np.testing.assert_allclose(syn.ks_pvalues, r["synthetic_mask"]["ks_pvalues"], rtol=1e-12)
         np.testing.assert_allclose(syn.mask_stats, r["synthetic_mask"]["mask_stats"], rtol=1e-12)
-        ours = mask_p_value(ct_rgb, joint.probs[i].numpy() * 255, MODALITY[prompt], prompt, dist)
+        ours = mask_p_value(ct_rgb, joint.probs[0, i].numpy() * 255, MODALITY[prompt], prompt, dist)
         assert ours.p_value == r["model_mask"]["p_value"] == 0.0
         np.testing.assert_allclose(ours.mask_stats[0], r["model_mask"]["mask_stats"][0], atol=PROB_ATOL)
         np.testing.assert_allclose(ours.mask_stats[1:], r["model_mask"]["mask_stats"][1:], rtol=1e-6)

@@ -1,34 +1,61 @@
+"""The catalogue assembled from model folders (and $BIOMEDSEG_EXTRA_MODELS), checked by the schema."""
 import copy
 import json
+import shutil
 
 import jsonschema
+import numpy as np
 import pytest
 
-from biomedseg.catalog import ModelEntry, get_model, load_catalog, validate_catalog
+from biomedseg.catalog import MODELS_DIR, ModelEntry, check_prompts, get_model, load_catalog, validate_entries
 from biomedseg.errors import InputError
-from biomedseg.catalog import _resource_text
+from biomedseg.prompts import BoxPrompt, MaskPrompt, TextPrompt
 
 
-def test_catalog_matches_schema_and_ids_are_unique():
-    data = json.loads(_resource_text("models.json"))
-    validate_catalog(data)
-    assert len(load_catalog()) == len(data["models"]) >= 3
+@pytest.fixture
+def fresh_catalog(monkeypatch):
+    """Catalogue re-read with whatever $BIOMEDSEG_EXTRA_MODELS the test sets (restored afterwards)."""
+    monkeypatch.delenv("BIOMEDSEG_EXTRA_MODELS", raising=False)
+    load_catalog.cache_clear()
+    yield monkeypatch
+    load_catalog.cache_clear()
+
+
+def bundled() -> list[dict]:
+    return [json.loads((folder / "model.json").read_text()) for folder in sorted(MODELS_DIR.iterdir())
+            if (folder / "model.json").is_file()]
+
+
+def test_every_model_folder_matches_the_schema_and_names_files_it_has():
+    data = bundled()
+    validate_entries(data)
+    assert {m["id"] for m in data} == {e.id for e in load_catalog()} >= {"deepbet", "biomedparse-v1", "hermes"}
+    for entry in load_catalog():
+        module, _, cls = entry.backend.partition(":")
+        assert (entry.folder / f"{module}.py").is_file(), entry.id
+        assert entry.package == f"biomedseg.models.{entry.folder.name}"
+        if entry.data.get("targets_file"):
+            assert entry.resource(entry.targets_file).is_file()
+        for name, spec in entry.options.items():
+            assert spec["help"] and spec["type"], (entry.id, name)
 
 
 def test_schema_rejects_bad_entries():
-    data = json.loads(_resource_text("models.json"))
-    bad = copy.deepcopy(data)
-    bad["models"][0]["input"] = "4d"
-    with pytest.raises(jsonschema.ValidationError):
-        validate_catalog(bad)
-    bad = copy.deepcopy(data)
-    bad["models"][0]["weights"]["sha256"] = "not-a-hash"
-    with pytest.raises(jsonschema.ValidationError):
-        validate_catalog(bad)
-    dup = copy.deepcopy(data)
-    dup["models"].append(copy.deepcopy(dup["models"][0]))
+    base = bundled()[0]
+    for change in (lambda m: m.update(input="4d"),
+                   lambda m: m["weights"].update(sha256="not-a-hash"),
+                   lambda m: m.update(surprise=1),
+                   lambda m: m.update(prompt_types=["text", "gesture"]),
+                   lambda m: m.update(options={"Bad-Name": {"type": "int", "help": "x"}}),
+                   lambda m: m.update(options={"n": {"type": "integer", "help": "x"}}),
+                   lambda m: m.update(options={"n": {"type": "int"}}),
+                   lambda m: m.update(targets_provider="not a module path")):
+        bad = copy.deepcopy(base)
+        change(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            validate_entries([bad])
     with pytest.raises(ValueError, match="duplicate"):
-        validate_catalog(dup)
+        validate_entries([base, copy.deepcopy(base)])
 
 
 def test_deepbet_is_ready_offline():
@@ -45,14 +72,15 @@ def test_biomedparse_targets_come_from_model_card():
 
 
 def test_models_without_backend_say_so():
-    state = ModelEntry({**get_model("hermes").data, "backend": None}).state()
+    entry = get_model("hermes")
+    state = ModelEntry({**entry.data, "backend": None}, entry.folder, entry.package).state()
     assert state["ready"] is False and "not available" in state["state"]
 
 
 def test_hermes_vocabulary_comes_from_its_targets_provider(monkeypatch):
     monkeypatch.delenv("BIOMEDSEG_WEIGHTS_DIR", raising=False)
     entry = get_model("hermes")
-    assert entry.targets_provider == "biomedseg.models.hermes.tasks:catalog_targets"
+    assert entry.targets_provider == "tasks:catalog_targets"  # relative to the model's folder
     assert set(entry.target_table()) == set(entry.modalities)
     assert {"liver", "left kidney", "spleen", "pancreas"} <= set(entry.targets("CT", "abdomen"))
     assert "gray matter" in entry.targets("MRI-T1") and entry.targets("PET") == ["lesion"]
@@ -61,20 +89,20 @@ def test_hermes_vocabulary_comes_from_its_targets_provider(monkeypatch):
 
 
 def test_prompt_check_refuses_unknown_prompts_with_close_matches():
-    from biomedseg.catalog import check_prompts
-
-    assert check_prompts("hermes", ["Liver", " left  kidney ", "liver", "IVC"]) == ["Liver", "left kidney", "IVC"]
+    assert check_prompts("hermes", ["Liver", " left  kidney ", "liver", "IVC"]) == [
+        TextPrompt("Liver"), TextPrompt("left kidney"), TextPrompt("IVC")]
     with pytest.raises(InputError, match="no task for 'spleeen'.*Did you mean: spleen"):
         check_prompts("hermes", ["liver", "spleeen"])
 
 
-def test_schema_checks_provider_paths():
-    data = json.loads(_resource_text("models.json"))
-    bad = copy.deepcopy(data)
-    hermes = next(m for m in bad["models"] if m["id"] == "hermes")
-    hermes["targets_provider"] = "not a module path"
-    with pytest.raises(jsonschema.ValidationError):
-        validate_catalog(bad)
+def test_prompt_types_a_model_does_not_declare_are_refused():
+    box = BoxPrompt((0, 0, 0), (1, 1, 1), "axial", "tumour")
+    with pytest.raises(InputError, match="does not take box prompts; it takes text"):
+        check_prompts("biomedparse-v1", ["liver", box])
+    with pytest.raises(InputError, match="No prompt given.*Try: brain"):
+        check_prompts("deepbet", ["  ", ""])
+    with pytest.raises(InputError, match="mask prompt for 'x' is empty"):
+        check_prompts("deepbet", [MaskPrompt(np.zeros((2, 2, 2), bool), "x")])
 
 
 def test_unknown_model_lists_known_ones():
@@ -83,6 +111,37 @@ def test_unknown_model_lists_known_ones():
 
 
 def test_missing_dependency_reported():
-    entry = ModelEntry({**get_model("deepbet").data, "requires": ["torch", "surely_not_installed_pkg"]})
-    state = entry.state()
+    entry = get_model("deepbet")
+    state = ModelEntry({**entry.data, "requires": ["torch", "surely_not_installed_pkg"]}, entry.folder).state()
     assert state["state"] == "dependencies missing" and "surely_not_installed_pkg" in state["detail"]
+
+
+def test_extra_models_from_a_folder_a_folder_of_folders_or_a_catalogue_file(tmp_path, fresh_catalog):
+    """A copied model folder with a new id is a new model: its backend, provider and files resolve
+    relative to the copy, imported as a package of its own."""
+    copy_dir = tmp_path / "hermes_copy"
+    shutil.copytree(MODELS_DIR / "hermes", copy_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    data = json.loads((copy_dir / "model.json").read_text())
+    data["id"] = "hermes-copy"
+    (copy_dir / "model.json").write_text(json.dumps(data))
+    (tmp_path / "file").mkdir()
+    (tmp_path / "file" / "catalogue.json").write_text(json.dumps(
+        {"schema_version": 1, "models": [{**json.loads((MODELS_DIR / "deepbet" / "model.json").read_text()),
+                                          "id": "deepbet-listed", "backend": "biomedseg.models.deepbet.backend:"
+                                                                             "DeepBetBackend"}]}))
+    for extra in (str(copy_dir), str(tmp_path)):
+        fresh_catalog.setenv("BIOMEDSEG_EXTRA_MODELS", extra)
+        load_catalog.cache_clear()
+        entry = get_model("hermes-copy")
+        assert entry.folder == copy_dir and entry.package.startswith("biomedseg_extra_models.hermes_copy_")
+        assert entry.targets("CT", "abdomen") == get_model("hermes").targets("CT", "abdomen")
+        tasks = entry.resolve("tasks:catalog_targets").__module__
+        assert tasks == entry.package + ".tasks"  # the copy's own module, not the bundled one
+        assert entry.resolve(entry.backend).__name__ == "HermesBackend"
+    fresh_catalog.setenv("BIOMEDSEG_EXTRA_MODELS", str(tmp_path / "file" / "catalogue.json"))
+    load_catalog.cache_clear()
+    assert get_model("deepbet-listed").resolve(get_model("deepbet-listed").backend).__name__ == "DeepBetBackend"
+    fresh_catalog.setenv("BIOMEDSEG_EXTRA_MODELS", str(tmp_path / "missing"))
+    load_catalog.cache_clear()
+    with pytest.raises(InputError, match="does not exist"):
+        load_catalog()

@@ -94,15 +94,52 @@ def test_doctor_reports_a_broken_worker_python(capsys, tmp_path):
     assert "worker error" in capsys.readouterr().out
 
 
-def test_model_options_from_the_command_line():
-    from biomedseg.cli import build_parser, model_options
+def test_model_options_and_region_from_the_command_line():
+    from biomedseg.cli import build_parser, model_options, prompts_of, region_of
+    from biomedseg.geometry import Region
+    from biomedseg.prompts import BoxPrompt, PointPrompt, TextPrompt
 
-    args = build_parser().parse_args(["segment", "in.nii.gz", "--prompt", "liver", "-o", "o.seg.nrrd",
+    args = build_parser().parse_args(["segment", "in.nii.gz", "--prompt", "liver, left kidney", "-o", "o.seg.nrrd",
                                       "--modality", "CT", "--site", "abdomen", "--plane", "coronal",
-                                      "--slice-range", "3", "9", "--batch-size", "4",
-                                      "--option", "joint=true", "--option", "engine=monai"])
-    assert model_options(args) == {"modality": "CT", "site": "abdomen", "plane": "coronal", "batch_size": 4,
-                                   "slice_range": [3, 9], "joint": True, "engine": "monai"}
+                                      "--slice-range", "9", "3", "--batch-size", "4",
+                                      "--option", "joint=true", "--option", "engine=monai",
+                                      "--box", "1", "2", "3", "4", "5", "6", "--point", "1", "1", "1",
+                                      "--exclude-point", "2", "2", "2", "--target", "tumour"])
+    assert model_options(args) == {"modality": "CT", "site": "abdomen", "batch_size": 4, "joint": True,
+                                   "engine": "monai"}
+    # the slice range belongs to the engine (any model), counted along --plane; given backwards, it is sorted
+    assert region_of(args) == Region("coronal", (3, 9), None)
+    assert prompts_of(args) == [TextPrompt("liver"), TextPrompt("left kidney"),
+                                BoxPrompt((1.0, 2.0, 3.0), (4.0, 5.0, 6.0), "coronal", "tumour"),
+                                PointPrompt((1.0, 1.0, 1.0), True, "coronal", "tumour"),
+                                PointPrompt((2.0, 2.0, 2.0), False, "coronal", "tumour")]
     bad = build_parser().parse_args(["segment", "x", "-o", "o.seg.nrrd", "--option", "novalue"])
     with pytest.raises(Exception, match="KEY=VALUE"):
         model_options(bad)
+
+
+@pytest.mark.parametrize("model", ["deepbet", "biomedparse-v1", "hermes"])
+def test_undeclared_option_is_refused_before_any_weights_or_reading(model, colin_path, tmp_path, capsys,
+                                                                   monkeypatch):
+    """Exit 2 naming the option and listing the model's own, before the image is read or weights looked
+    for (biomedparse-v1 and hermes have no weights on this machine)."""
+    monkeypatch.setenv("BIOMEDSEG_OFFLINE", "1")
+    rc = main(["segment", str(tmp_path / "not-read.nii.gz"), "--model", model, "--prompt",
+               {"deepbet": "brain", "biomedparse-v1": "liver", "hermes": "liver"}[model],
+               "-o", str(tmp_path / "x.seg.nrrd"), "--option", "bogus=1"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"Model '{model}' has no option 'bogus'" in err and "Its options are:" in err
+    if model != "deepbet":
+        assert "batch_size (int)" in err
+    assert list(tmp_path.iterdir()) == []
+    # a declared option with a value of the wrong type is refused the same way
+    if model == "biomedparse-v1":
+        assert main(["segment", str(colin_path), "--model", model, "--prompt", "liver", "-o",
+                     str(tmp_path / "x.seg.nrrd"), "--option", "joint=maybe"]) == 2
+        assert "Option 'joint' of model 'biomedparse-v1' must be true or false" in capsys.readouterr().err
+    # deepbet declares no modality: the flag is refused for it, not silently ignored
+    if model == "deepbet":
+        assert main(["segment", str(colin_path), "--prompt", "brain", "--modality", "CT", "-o",
+                     str(tmp_path / "x.seg.nrrd")]) == 2
+        assert "has no option 'modality'" in capsys.readouterr().err

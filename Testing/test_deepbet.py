@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from biomedseg.errors import CancelledError, InputError
-from biomedseg.inference.runner import segment
+from biomedseg.engine import segment
 from biomedseg.io import read_volume
 from biomedseg.volume import Volume
 from geometry_cases import reoriented

@@ -23,11 +23,11 @@ torch = pytest.importorskip("torch")
 from biomedseg.errors import CancelledError, InputError, OutOfMemoryError, WeightsMissingError  # noqa: E402
 from biomedseg.volume import Volume  # noqa: E402
 
-from conftest import WORKER_MODELS, load_detweights, worker_test_models  # noqa: E402
+from conftest import load_detweights, load_model_module, worker_test_models  # noqa: E402
 from geometry_cases import affine, rotation  # noqa: E402
 
-sys.path.insert(0, str(WORKER_MODELS))
-from testing_backends import hermes_with, intensity_net  # noqa: E402
+_standin = load_model_module("hermes_standin")
+hermes_with, intensity_net = _standin.hermes_with, _standin.intensity_net
 
 
 #: Directions (columns: RAS unit vectors of the i, j, k axes).
@@ -56,8 +56,22 @@ def no_weights_dir(monkeypatch):
 
 
 def run_backend(backend, volume, prompts, options=None, events=None, cancelled=lambda: False):
+    """What the engine does around a backend instance: declared options, prompts on the grid, plan,
+    and run under the engine's one out-of-memory policy. Returns the probabilities per target."""
+    from biomedseg.catalog import get_model
+    from biomedseg.catalog import check_options
+    from biomedseg.engine.running import run_with_memory_policy
+    from biomedseg.prompts import as_prompts, to_grid
+
     progress = (lambda *a: events.append(a)) if events is not None else (lambda *a: None)
-    return backend.predict(volume, prompts, progress=progress, cancelled=cancelled, options=options or {})
+    grid = to_grid(as_prompts(prompts), volume)
+    plan = backend.plan(volume, grid, check_options("hermes", get_model("hermes").options, options))
+
+    def runner(plan_now):
+        return backend.run(volume, grid, plan_now, progress=progress, cancelled=cancelled)
+
+    output, _ = run_with_memory_policy(runner, plan, "Hermes-R", backend.device, progress)
+    return output.probabilities
 
 
 # ---- (a) a real worker runs Hermes ----------------------------------------------------
@@ -220,14 +234,15 @@ def small_ct(shape=(12, 16, 14)) -> Volume:
 
 
 def test_unknown_prompt_is_refused_with_suggestions_before_loading(tmp_path, monkeypatch):
-    from biomedseg.inference import runner
+    from biomedseg.engine import loading, segment
 
     def must_not_load(*a, **kw):
         raise AssertionError("the model was loaded for a prompt it cannot do")
 
-    monkeypatch.setattr(runner, "load_backend", must_not_load)
+    monkeypatch.setattr(loading, "load_backend", must_not_load)
+    monkeypatch.setattr(loading, "new_backend", must_not_load)
     with pytest.raises(InputError, match="Hermes has no task for 'livr'.*Did you mean: liver"):
-        runner.segment(small_ct(), "hermes", ["livr"], weights=str(tmp_path / "absent.pth"))
+        segment(small_ct(), "hermes", ["livr"], weights=str(tmp_path / "absent.pth"))
     from biomedseg.worker.client import WorkerClient
 
     client = WorkerClient()
@@ -259,11 +274,10 @@ def test_backend_checks_prompts_and_options_before_heavy_work(monkeypatch):
 
 def test_missing_weights_say_where_to_get_them(tmp_path, monkeypatch, checkpoint):
     from biomedseg.catalog import get_model
-    from biomedseg.inference.runner import segment
-    from biomedseg.models.hermes.backend import HermesBackend
+    from biomedseg.engine import load_backend, segment
 
     with pytest.raises(WeightsMissingError) as err:
-        HermesBackend("cpu", None)
+        load_backend("hermes", "cpu", None)
     assert err.value.kind == "weights_missing"
     assert "Google Drive" in str(err.value) and "--weights" in str(err.value) and "no licence" in str(err.value)
     with pytest.raises(WeightsMissingError, match="not found at"):
@@ -323,11 +337,16 @@ def test_modality_from_option_dicom_tag_or_intensities():
 def test_prompts_map_to_channels_and_modality_picks_the_dataset():
     vol = small_ct()
     backend = hermes_with(intensity_net(0.0))
-    plan = backend.plan(vol, ["liver", "kidneys", "left kidney", "l kidney"], {})
-    assert plan["task_ids"] == [9, 2, 6] and plan["prompt_channel"] == {"liver": 0, "kidneys": 1, "left kidney": 2,
-                                                                          "l kidney": 2}
-    assert backend.plan(vol, ["liver"], {"modality": "T2"})["task_ids"] == [38]  # CHAOS for MR
-    assert backend.plan(vol, ["bcv: liver"], {})["task_ids"] == [24]
+    from biomedseg.prompts import PromptSet
+
+    def plan(prompts, options=None):
+        return backend.plan(vol, PromptSet(texts=prompts, targets=prompts), options or {}).details
+
+    details = plan(["liver", "kidneys", "left kidney", "l kidney"])
+    assert details["task_ids"] == [9, 2, 6] and details["prompt_channel"] == {"liver": 0, "kidneys": 1,
+                                                                              "left kidney": 2, "l kidney": 2}
+    assert plan(["liver"], {"modality": "T2"})["task_ids"] == [38]  # CHAOS for MR
+    assert plan(["bcv: liver"])["task_ids"] == [24]
 
 
 def test_batch_size_follows_free_memory():
@@ -344,16 +363,18 @@ def test_batch_size_follows_free_memory():
     assert auto_batch_size("cpu") >= 1  # psutil's figure
 
 
-def test_out_of_memory_halves_an_automatic_batch_but_not_a_chosen_one(monkeypatch):
+def test_out_of_memory_halves_the_batch_down_to_one_then_says_what_to_try(monkeypatch):
+    """The engine's one policy, automatic or chosen batch alike: free memory, halve, retry; at one
+    window an OutOfMemoryError that names the batch and what to try."""
     from biomedseg.models.hermes import backend as hb
 
     class Greedy(torch.nn.Module):
-        def __init__(self, threshold):
+        def __init__(self, threshold, limit=1):
             super().__init__()
-            self.inner = intensity_net(threshold)
+            self.inner, self.limit = intensity_net(threshold), limit
 
         def forward(self, x, tgt_idx, mod_idx):
-            if x.shape[0] > 1:
+            if x.shape[0] > self.limit:
                 raise RuntimeError("CUDA out of memory. Tried to allocate 9.00 GiB")
             return self.inner(x, tgt_idx, mod_idx)
 
@@ -364,10 +385,14 @@ def test_out_of_memory_halves_an_automatic_batch_but_not_a_chosen_one(monkeypatc
     out = run_backend(backend, vol, ["liver"], {"window": 16}, events)
     assert backend.last_run["batch_size"] == 1 and out["liver"].shape == vol.shape
     assert [e[0] for e in events if "out of memory" in e[0]] == [
-        "Hermes: out of memory, retrying with 2 window(s) per pass",
-        "Hermes: out of memory, retrying with 1 window(s) per pass"]
-    with pytest.raises(OutOfMemoryError, match="2 window"):
-        run_backend(backend, vol, ["liver"], {"window": 16, "batch_size": 2})
+        "out of memory: retrying with batch size 2", "out of memory: retrying with batch size 1"]
+    events.clear()
+    out_chosen = run_backend(backend, vol, ["liver"], {"window": 16, "batch_size": 2}, events)
+    assert [e[0] for e in events if "out of memory" in e[0]] == ["out of memory: retrying with batch size 1"]
+    np.testing.assert_array_equal(out_chosen["liver"], out["liver"])  # a smaller batch changes nothing
+    with pytest.raises(OutOfMemoryError, match=r"1 window\(s\) of 16\^3 per pass \(after halving") as err:
+        run_backend(hermes_with(Greedy(0.0, limit=0)), vol, ["liver"], {"window": 16, "batch_size": 2})
+    assert "smaller slice range or ROI" in err.value.hint
 
 
 def test_catalogue_lists_hermes_prompts_without_torch():
@@ -376,3 +401,49 @@ def test_catalogue_lists_hermes_prompts_without_torch():
             "e.targets('MRI-cine') == ['left ventricle', 'myocardium', 'right ventricle'], 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["52", "True", "True", "True", "False"]
+
+
+@pytest.mark.slow
+def test_cli_slice_range_crops_what_hermes_sees(checkpoint, tmp_path, monkeypatch):
+    """`biomedseg segment --model hermes --slice-range 2 9` is honoured: Hermes runs on those slices
+    only (as if the file held just them) and nothing is written outside them."""
+    import nibabel as nib
+
+    from biomedseg.cli import main
+    from biomedseg.engine import segment
+    from biomedseg.geometry import crop_volume, make_region, region_box
+    from biomedseg.io import read_volume, write_volume
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    vol = Volume(smooth_ct((16, 30, 24), seed=5), affine(LPS, (1.4, 1.2, 2.5), (3.0, -20.0, 11.0)), name="ct")
+    src = write_volume(tmp_path / "ct.nii.gz", vol)
+    out = tmp_path / "liver.nii.gz"
+    args = ["segment", str(src), "--model", "hermes", "--prompt", "liver", "--weights", str(checkpoint),
+            "--device", "cpu", "--slice-range", "2", "9", "--option", "window=32", "--batch-size", "2",
+            "--modality", "CT", "-o", str(out), "-q"]
+    rc = main(args)
+    read = read_volume(src)
+    box = region_box(read, make_region("axial", (2, 9)))
+    assert box.shape[read.slice_orientation("axial").slice_axis] == 8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = segment(crop_volume(read, box), "hermes", ["liver"], device="cpu", weights=str(checkpoint),
+                        options={"window": 32, "batch_size": 2, "modality": "CT"})
+    finally:
+        torch.set_num_threads(threads)
+    if not alone.segments:
+        assert rc == 1  # nothing found in the crop: nothing written either way
+        return
+    assert rc == 0
+    labels = np.transpose(np.asarray(nib.load(str(out)).dataobj), (2, 1, 0))  # (k, j, i)
+    outside = np.ones(read.shape, bool)
+    outside[box.slices] = False
+    assert labels[outside].max() == 0
+    assert np.array_equal(labels[box.slices] > 0, alone.segments[0].mask)
+    assert 0 < alone.segments[0].mask.sum() < alone.segments[0].mask.size
+    # a range that leaves Hermes fewer than 8 slices is refused, with the shape
+    short = [a if a != "9" else "5" for a in args]
+    short[short.index("-o") + 1] = str(tmp_path / "x.nii.gz")
+    assert main(short) == 2
+    assert not (tmp_path / "x.nii.gz").exists()

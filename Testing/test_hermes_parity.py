@@ -386,7 +386,7 @@ def test_monai_engine_agrees_except_for_repeated_windows():
 
 
 def test_window_grid_matches_reference_and_repeats():
-    from biomedseg.inference.sliding_window import window_starts
+    from biomedseg.runtime.sliding_window import window_starts
     from biomedseg.models.hermes.inference import unique_windows, window_grid
 
     ref = np.load(_fixture("sliding_window.npz"))

@@ -21,6 +21,7 @@ def test_module_cmake_lists_every_python_file_and_resource():
     on_disk = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
     assert scripts == on_disk
     data = {str(p.relative_to(MODULE)) for p in (MODULE / "biomedseg" / "resources").glob("*.json")}
+    data |= {str(p.relative_to(MODULE)) for p in (MODULE / "biomedseg" / "models").rglob("*.json")}  # model folders
     data |= {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*") if p.is_file()}
     assert resources == data
     assert "slicerMacroBuildScriptedModule" in text and "slicer_add_python_unittest" in text

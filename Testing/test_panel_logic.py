@@ -6,21 +6,22 @@ checks the named segment, its terminology, Dice against the BET mask, that polli
 blocks, and that the result is shown in 3D. The controllable test backend
 (Testing/worker_models) checks add / overwrite / undo against pre-existing segments
 bit for bit, cancel mid-run, absent targets, ROI and slice-range crops, failures, exports
-(labelmap node, .seg.nrrd, NIfTI, DICOM SEG) and the first-run install plans.
+(labelmap node, .seg.nrrd, NIfTI, DICOM SEG), the model list, guesses and the panel's words.
+The first-run installs are in Testing/test_panel_install.py.
 """
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from biomedseg import panel_logic as pl  # noqa: E402
+from biomedseg import panel  # noqa: E402
 from biomedseg import slicer_bridge as sb  # noqa: E402
+from biomedseg.catalog import get_model  # noqa: E402
 from biomedseg.errors import InputError  # noqa: E402
 from biomedseg.io import read_volume  # noqa: E402
 from biomedseg.segments import Segment  # noqa: E402
@@ -50,7 +51,7 @@ def scene():
         yield s
 
 
-def drive(controller: pl.PanelController, timeout: float = 120.0):
+def drive(controller: panel.PanelController, timeout: float = 120.0):
     """What the panel's QTimer does: poll every 100 ms until the run ends; returns (outcome, progresses, poll times)."""
     progresses, poll_times = [], []
     deadline = time.monotonic() + timeout
@@ -74,9 +75,9 @@ def deepbet_run(colin_path, colin_bet_path, client):
     with mrml_scene() as scene:
         volume = read_volume(colin_path)
         node = sb.node_from_volume(scene, volume, "ch2")
-        controller = pl.PanelController(scene, client=client)
+        controller = panel.PanelController(scene, client=client)
         info = controller.describe_volume(node)
-        state = pl.state_for_guess("deepbet", ["brain"], info["guess"])
+        state = panel.state_for_guess("deepbet", ["brain"], info["guess"])
         nodes_before = scene.GetNumberOfNodes()
         t0 = time.monotonic()
         job = controller.start(state, node)
@@ -92,7 +93,7 @@ def test_deepbet_guess_matches_the_model(deepbet_run):
     guess = deepbet_run["info"]["guess"]
     assert (guess.modality, guess.site) == ("MRI", "head")
     assert deepbet_run["state"].modality == "MRI-T1" and deepbet_run["state"].site == "head"
-    assert pl.suggestions("deepbet", "MRI-T1", "head") == ["brain"]
+    assert panel.suggestions("deepbet", "MRI-T1", "head") == ["brain"]
     assert deepbet_run["info"]["slices"] == {"axial": 181, "coronal": 217, "sagittal": 181}
 
 
@@ -166,7 +167,7 @@ def snapshot(seg_node, reference) -> dict:
     for info in sb.segments_of(seg_node):
         segment = segmentation.GetSegment(info["id"])
         out[info["id"]] = dict(info, mask=sb.segment_mask(seg_node, info["id"], reference),
-                               tag=sb._tag(segment, sb.terminology_tag_name()))
+                               tag=sb.segment_tag(segment, sb.terminology_tag_name()))
     return out
 
 
@@ -198,9 +199,9 @@ SPHERE = {"centre": [1.0, -0.5, 0.5], "radius": 5.0}
 
 
 def run_test_model(scene, client, node, seg_node=None, prompts=("target",), roi=None, **state):
-    controller = pl.PanelController(scene, client=client)
+    controller = panel.PanelController(scene, client=client)
     options = dict(SPHERE, **state.pop("options", {}))
-    controller.start(pl.PanelState(model="test-model", prompts=list(prompts), options=options, show_3d=False,
+    controller.start(panel.PanelState(model="test-model", prompts=list(prompts), options=options, show_3d=False,
                                    **state), node, seg_node, roi)
     outcome, progresses, _ = drive(controller)
     return controller, outcome, progresses
@@ -239,8 +240,8 @@ def test_cancel_mid_run_changes_nothing(populated, client):
     p = populated
     scene = p["scene"]
     nodes_before = scene.GetNumberOfNodes()
-    controller = pl.PanelController(scene, client=client)
-    job = controller.start(pl.PanelState(model="test-model", prompts=["target", "liver"],
+    controller = panel.PanelController(scene, client=client)
+    job = controller.start(panel.PanelState(model="test-model", prompts=["target", "liver"],
                                          options=dict(SPHERE, steps=200, step_s=0.05)), p["node"], p["seg_node"])
     while job.done < 3:
         result = controller.poll()
@@ -263,14 +264,43 @@ def test_cancel_mid_run_changes_nothing(populated, client):
     assert again.state == "done"
 
 
+def test_run_to_end_keeps_the_caller_responsive_and_cancels_past_the_timeout(scene, client):
+    """What the Logic's segment() (scripts, the self-test) does: poll, give Slicer its events, stop at a timeout."""
+    node = sb.node_from_volume(scene, small_volume(), "small")
+    controller = panel.PanelController(scene, client=client)
+    idles = []
+    outcome = controller.run_to_end(panel.PanelState(model="test-model", prompts=["target"], options=SPHERE,
+                                                     show_3d=False), node, idle=lambda: idles.append(1), interval=0.02)
+    assert outcome.state == "done" and outcome.names == ["target"] and idles
+    before = scene.GetNumberOfNodes()
+    t0 = time.monotonic()
+    outcome = controller.run_to_end(panel.PanelState(model="test-model", prompts=["target"],
+                                                     options=dict(SPHERE, steps=200, step_s=0.05)), node,
+                                    timeout=0.5, interval=0.02)
+    assert outcome.state == "cancelled" and time.monotonic() - t0 < 5
+    assert scene.GetNumberOfNodes() == before and not controller.running
+
+
+def test_scene_close_stops_the_run_and_forgets_undo(populated, client):
+    p = populated
+    controller, outcome, _ = run_test_model(p["scene"], client, p["node"], p["seg_node"])
+    assert outcome.state == "done" and controller.can_undo
+    job = controller.start(panel.PanelState(model="test-model", prompts=["target"],
+                                            options=dict(SPHERE, steps=200, step_s=0.05)), p["node"], p["seg_node"])
+    controller.forget_scene()
+    assert not controller.can_undo and controller.run.cancel_requested
+    outcome, _, _ = drive(controller, timeout=10)
+    assert outcome.state == "cancelled" and job.finished
+
+
 def test_cancel_then_new_output_node_is_not_created(scene, client):
     node = sb.node_from_volume(scene, small_volume(), "small")
     before = scene.GetNumberOfNodes()
-    controller = pl.PanelController(scene, client=client)
-    job = controller.start(pl.PanelState(model="test-model", prompts=["target"],
+    controller = panel.PanelController(scene, client=client)
+    job = controller.start(panel.PanelState(model="test-model", prompts=["target"],
                                          options=dict(SPHERE, steps=100, step_s=0.05)), node)
     while job.done < 1:
-        controller.poll()
+        assert not controller.poll().finished, controller.last_outcome.summary  # a failed run must not hang here
         time.sleep(0.02)
     controller.cancel()
     outcome, _, _ = drive(controller, timeout=10)
@@ -287,8 +317,8 @@ def test_absent_targets_listed_not_written(scene, client):
     assert outcome.segmentation_node is None and scene.GetNumberOfNodes() == before
     assert "did not find target" in outcome.message.text
     # one found, one absent: only the found one becomes a segment
-    controller = pl.PanelController(scene, client=client)
-    controller.start(pl.PanelState(model="test-model", prompts=["liver", "kidney"], show_3d=False,
+    controller = panel.PanelController(scene, client=client)
+    controller.start(panel.PanelState(model="test-model", prompts=["liver", "kidney"], show_3d=False,
                                    options={"centre": [500, 500, 500]}), node)
     outcome, _, _ = drive(controller)
     # the test backend gives the first prompt the (here empty) sphere and the second a threshold mask
@@ -313,8 +343,8 @@ def test_slicer_terminology_lookup_wins_for_known_targets(scene, client):
                     "category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "10200004", "Liver"],
                     "anatomicContextName": "Anatomic codes - DICOM master list"}
     lookup = {"liver": (slicer_entry, (0.86, 0.51, 0.40))}.get
-    controller = pl.PanelController(scene, client=client, terminology_lookup=lambda name: lookup(name))
-    controller.start(pl.PanelState(model="test-model", prompts=["liver", "mystery"], options=SPHERE, show_3d=False),
+    controller = panel.PanelController(scene, client=client, terminology_lookup=lambda name: lookup(name))
+    controller.start(panel.PanelState(model="test-model", prompts=["liver", "mystery"], options=SPHERE, show_3d=False),
                      node)
     outcome, _, _ = drive(controller)
     infos = {s["name"]: s for s in sb.segments_of(outcome.segmentation_node)}
@@ -335,9 +365,11 @@ def test_roi_and_slice_range_limit_the_result(scene, client):
     _, outcome, _ = run_test_model(scene, client, node, roi=roi, options={"centre": centre, "radius": radius})
     assert outcome.state == "done", outcome.summary
     mask = sb.segment_mask(outcome.segmentation_node, outcome.segment_ids[0], node)
-    box = pl.crop_box(volume, roi_bounds=sb.roi_ras_bounds(roi))
+    from biomedseg.geometry import make_region, region_box
+
+    box = region_box(volume, make_region("axial", None, sb.roi_ras_bounds(roi)))
     inside = np.zeros(volume.shape, bool)
-    inside[box] = True
+    inside[box.slices] = True
     assert mask.any() and not mask[~inside].any() and full[~inside].any()
     assert np.array_equal(mask[inside], full[inside])  # exactly the full-volume answer inside the box
     # slice range: only slices 5..14 along the axial axis
@@ -362,18 +394,18 @@ def test_failure_is_a_sentence_and_writes_nothing(populated, client):
 
 def test_bad_requests_are_refused_before_the_worker(scene, client):
     node = sb.node_from_volume(scene, small_volume(), "small")
-    controller = pl.PanelController(scene, client=client)
-    if not pl.get_model("biomedparse-v1").data.get("backend"):  # catalogued, backend not in this version
+    controller = panel.PanelController(scene, client=client)
+    if not get_model("biomedparse-v1").data.get("backend"):  # catalogued, backend not in this version
         with pytest.raises(InputError, match="not available in this version"):
-            controller.start(pl.PanelState(model="biomedparse-v1", prompts=["liver"]), node)
+            controller.start(panel.PanelState(model="biomedparse-v1", prompts=["liver"]), node)
     with pytest.raises(InputError, match="Slice range"):
-        controller.start(pl.PanelState(model="test-model", prompts=["x"], slice_range=(3, 99)), node)
+        controller.start(panel.PanelState(model="test-model", prompts=["x"], slice_range=(3, 99)), node)
     with pytest.raises(InputError, match="No prompt"):
-        controller.start(pl.PanelState(model="test-model", prompts=[]), node)
+        controller.start(panel.PanelState(model="test-model", prompts=[]), node)
     with pytest.raises(InputError, match="does not run on 'cuda'"):
-        controller.start(pl.PanelState(model="test-model", prompts=["x"], device="cuda"), node)
+        controller.start(panel.PanelState(model="test-model", prompts=["x"], device="cuda"), node)
     with pytest.raises(InputError, match="No input volume"):
-        controller.start(pl.PanelState(model="test-model", prompts=["x"]), None)
+        controller.start(panel.PanelState(model="test-model", prompts=["x"]), None)
     assert not controller.running
 
 
@@ -384,7 +416,7 @@ def test_export_files_through_the_engine_writers(populated, tmp_path):
     import slicerio
 
     p = populated
-    controller = pl.PanelController(p["scene"])
+    controller = panel.PanelController(p["scene"])
     assert ".dcm" not in controller.export_formats(p["node"])  # not DICOM
     written = controller.export_file(p["seg_node"], p["node"], tmp_path / "out.seg.nrrd")
     seg = slicerio.read_segmentation(str(written[0]))
@@ -409,7 +441,7 @@ def test_dicom_source_guess_and_dicom_seg_export(scene, tmp_path):
     node = sb.node_from_volume(scene, Volume(volume.array, volume.ijk_to_ras, name="Chest CT"), "Chest CT")
     uids = {pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID: str(f) for f in files}
     node.SetAttribute("DICOM.instanceUIDs", " ".join(sorted(uids)))  # Slicer's attribute, any order
-    controller = pl.PanelController(scene)
+    controller = panel.PanelController(scene)
     info = controller.describe_volume(node, dicom_lookup=uids.get)
     assert info["dicom"] and (info["guess"].modality, info["guess"].site) == ("CT", "chest")
     assert "DICOM modality CT" in info["guess"].reason
@@ -428,26 +460,26 @@ def test_dicom_source_guess_and_dicom_seg_export(scene, tmp_path):
 # ---- models, guesses and first-run installs ---------------------------------------------------
 
 def test_model_choices_show_state_and_disable_what_cannot_run():
-    choices = {c.id: c for c in pl.model_choices("auto")}
+    choices = {c.id: c for c in panel.model_choices("auto")}
     assert choices["deepbet"].ready and choices["deepbet"].enabled and choices["deepbet"].state == "ready"
     assert "MIT" in choices["deepbet"].tooltip and "18 MB" in choices["deepbet"].tooltip
     bp = choices["biomedparse-v1"]
-    if not pl.get_model("biomedparse-v1").data.get("backend"):
+    if not get_model("biomedparse-v1").data.get("backend"):
         assert not bp.enabled and bp.state == "not available in this version"
     assert "gated" in bp.tooltip and "CC-BY-NC-SA" in bp.tooltip
-    on_cuda = {c.id: c for c in pl.model_choices("cuda")}
+    on_cuda = {c.id: c for c in panel.model_choices("cuda")}
     assert on_cuda["test-model"].state == "not supported on this device" and not on_cuda["test-model"].enabled
     states = {"deepbet": {"ready": False, "state": "dependencies missing", "detail": "install torch, deepbet"},
               "biomedparse-v1": {"ready": False, "state": "weights to download", "detail": "1.8 GB"}}
-    forced = {c.id: c for c in pl.model_choices("auto", states)}
+    forced = {c.id: c for c in panel.model_choices("auto", states)}
     assert forced["deepbet"].action == "install_dependencies"
     assert forced["biomedparse-v1"].action == "download_weights"
 
 
 def test_model_states_from_another_python(tmp_path):
-    states = pl.model_states(sys.executable)
+    states = panel.model_states(sys.executable)
     assert states["deepbet"]["state"] == "ready"
-    broken = pl.model_states(str(tmp_path / "no-python"))
+    broken = panel.model_states(str(tmp_path / "no-python"))
     assert broken["deepbet"]["state"] == "dependencies missing" and "cannot be run" in broken["deepbet"]["detail"]
 
 
@@ -460,162 +492,111 @@ def test_model_states_from_another_python(tmp_path):
 ])
 def test_guess_from_dicom_tags(tags, expected):
     volume = Volume(np.zeros((150, 200, 180), np.int16), np.eye(4))
-    guess = pl.guess_modality_site(volume, tags)
+    guess = panel.guess_modality_site(volume, tags)
     assert (guess.modality, guess.site) == expected
 
 
 def test_guess_from_intensities():
     ct = Volume(np.full((40, 60, 60), -1000, np.int16), np.diag([6.0, 6.0, 10.0, 1.0]))
     ct.array[10:30, 10:50, 10:50] = 40
-    assert pl.guess_modality_site(ct).modality == "CT"
+    assert panel.guess_modality_site(ct).modality == "CT"
     xray = Volume(np.random.default_rng(0).integers(0, 4000, (1, 300, 300)).astype(np.uint16), np.eye(4))
-    assert pl.guess_modality_site(xray).modality == "X-Ray"
-    assert pl.match_modality("MRI", ["CT", "MRI-T1", "MRI-T2"]) == "MRI-T1"
-    assert pl.match_modality("MRI-T1", ["CT", "MRI"]) == "MRI"
-    assert pl.match_site("head", ["abdomen", "brain"]) == "brain"
-    assert "liver" in pl.suggestions("biomedparse-v1", "CT", "abdomen")
+    assert panel.guess_modality_site(xray).modality == "X-Ray"
+    assert panel.match_modality("MRI", ["CT", "MRI-T1", "MRI-T2"]) == "MRI-T1"
+    assert panel.match_modality("MRI-T1", ["CT", "MRI"]) == "MRI"
+    assert panel.match_site("head", ["abdomen", "brain"]) == "brain"
+    assert "liver" in panel.suggestions("biomedparse-v1", "CT", "abdomen")
 
 
 def test_buttons_while_busy_and_idle():
-    busy = pl.button_states(busy=True, can_run=True, can_undo=True, has_result=True)
+    busy = panel.button_states(busy=True, can_run=True, can_undo=True, has_result=True)
     assert [n for n, on in busy.items() if on] == ["cancelButton"]  # nothing may touch a running job's output
-    idle = pl.button_states(busy=False, can_run=False, can_undo=False, has_result=True)
+    idle = panel.button_states(busy=False, can_run=False, can_undo=False, has_result=True)
     assert not idle["segmentButton"] and not idle["cancelButton"] and not idle["undoButton"]
     assert idle["editButton"] and idle["exportFileButton"] and idle["exportLabelmapButton"]
     assert idle["installDependenciesButton"]
 
 
 def test_time_left_reads_naturally():
-    assert [pl.format_seconds(s) for s in (0.2, 3.4, 75, 7300)] == ["under 1 s", "3 s", "1 min 15 s", "2 h 01 min"]
+    assert [panel.format_seconds(s) for s in (0.2, 3.4, 75, 7300)] == ["under 1 s", "3 s", "1 min 15 s", "2 h 01 min"]
+    assert [panel.time_left(s) for s in (0.2, 12.4, 75)] == ["under 1 s left", "about 12 s left",
+                                                             "about 1 min 15 s left"]
+    # the progress line of a worker job as the panel shows it (once read "about under 1 s left")
+    from biomedseg.worker.client import Job
+
+    job = Job(id=1, model="test-model", prompts=["target"], volume=small_volume(), state="running",
+              stage="segmenting slices", done=9, total=10, eta=0.2)
+    assert panel.describe_progress(job) == panel.Progress(90, "Segmenting slices (9/10) · under 1 s left")
+    job.done, job.eta = 3, 12.4
+    assert panel.describe_progress(job).text == "Segmenting slices (3/10) · about 12 s left"
+    job.cancel_requested_at = time.monotonic()
+    assert panel.describe_progress(job).text == "Cancelling…"
 
 
 def test_prompts_parse_like_the_line_edit():
-    assert pl.parse_prompts(" liver,  left kidney; Liver\ntumor ,") == ["liver", "left kidney", "tumor"]
-    assert pl.join_prompts(["liver", "tumor"]) == "liver, tumor"
-
-
-def test_install_plan_keeps_slicer_packages(tmp_path):
-    pins = pl.constraints_for_installed()
-    import numpy
-
-    assert f"numpy=={numpy.__version__}" in pins.splitlines()
-    constraints = tmp_path / "pins.txt"
-    constraints.write_text(pins)
-    plan = pl.install_plan("deepbet", ["torch", "deepbet"], python="/slicer/bin/PythonSlicer", pytorch_utils=True,
-                           constraints_file=constraints)
-    kinds = [s.kind for s in plan.steps]
-    assert kinds == ["pytorch_utils", "command"] and plan.worker_python is None
-    pip = plan.steps[1].argv
-    assert pip[:4] == ["/slicer/bin/PythonSlicer", "-m", "pip", "install"]
-    assert "--constraint" in pip and str(constraints) in pip and "--no-deps" in pip and pip[-1] == "deepbet"
-    with pytest.raises(InputError, match="PyTorch extension"):
-        pl.install_plan("deepbet", ["torch"], python="/slicer/bin/PythonSlicer", pytorch_utils=False)
-    env = pl.install_plan("deepbet", ["torch", "deepbet"], python="/slicer/bin/PythonSlicer",
-                          env_dir=tmp_path / "env", base_python="/slicer/bin/PythonSlicer")
-    assert env.worker_python == pl.env_python(tmp_path / "env")
-    assert env.steps[0].argv == ["/slicer/bin/PythonSlicer", "-m", "venv", str(tmp_path / "env")]
-    assert any(s.argv[-1] == "torch" for s in env.steps) and "Slicer's own Python is not changed" in env.summary
-
-
-def test_panel_packages_install_plan():
-    assert pl.missing_engine_packages() == []  # the test environment has everything the panel needs
-    plan = pl.install_plan(None, ["pynrrd", "slicerio"], python="/slicer/bin/PythonSlicer",
-                           constraints_file="/tmp/pins.txt")
-    (step,) = plan.steps
-    assert step.argv[-2:] == ["pynrrd", "slicerio"] and "--constraint" in step.argv
-    assert plan.summary.startswith("BiomedSeg needs pynrrd, slicerio in Slicer's Python")
-
-
-def test_background_steps_run_in_order_report_and_fail_cleanly(tmp_path):
-    marker = tmp_path / "order.txt"
-    code = "import sys; open(sys.argv[1], 'a').write(sys.argv[2]); print('step', sys.argv[2])"
-    plan = pl.InstallPlan([pl.Step("first", [sys.executable, "-c", code, str(marker), "1"]),
-                           pl.Step("extension", None, "pytorch_utils"),
-                           pl.Step("second", [sys.executable, "-c", code, str(marker), "2"])], ["x"], None, "test")
-    task = pl.BackgroundSteps(plan)
-    texts = []
-    deadline = time.monotonic() + 20
-    while not task.finished and time.monotonic() < deadline:
-        if task.pending_special is not None:
-            task.special_done(True)
-        texts.append(task.poll().text)
-        time.sleep(0.02)
-    assert task.state == "done" and marker.read_text() == "12"
-    assert any("Step 1 of 3: first" in t for t in texts) and task.poll().percent == 100
-    failing = pl.BackgroundSteps(pl.InstallPlan([pl.Step("broken", [sys.executable, "-c", "raise SystemExit(3)"]),
-                                                 pl.Step("never", [sys.executable, "-c", "print(1)"])], [], None, ""))
-    while not failing.finished:
-        failing.poll()
-        time.sleep(0.02)
-    assert failing.state == "failed" and "exit code 3" in failing.error
-    slow = pl.BackgroundSteps(pl.InstallPlan([pl.Step("slow", [sys.executable, "-c", "import time; time.sleep(60)"])],
-                                             [], None, ""))
-    t0 = time.monotonic()
-    slow.cancel()
-    assert slow.state == "cancelled" and time.monotonic() - t0 < 6
-
-
-def test_weights_download_step_and_its_progress(tmp_path, monkeypatch):
-    """The Download button's plan runs the engine's resolver in the worker's Python; the bar follows
-    the bytes arriving in the hub cache."""
-    import hashlib
-    from types import SimpleNamespace
-
-    plan = pl.download_plan("biomedparse-v1", sys.executable)
-    assert "gated" in plan.summary and "CC-BY-NC-SA-4.0" in plan.summary and "1.8 GB" in plan.summary
-    # a hub cache holding the file (as a finished download leaves it): the step finds and verifies it
-    content = b"weights" * 1000
-    sha = hashlib.sha256(content).hexdigest()
-    repo = tmp_path / "hub" / "models--microsoft--BiomedParse"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "blobs" / sha).write_bytes(content)
-    (repo / "snapshots" / ("c" * 40)).mkdir(parents=True)
-    (repo / "snapshots" / ("c" * 40) / "biomedparse_v1.pt").symlink_to(f"../../blobs/{sha}")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("c" * 40)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("BIOMEDSEG_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PYTHONPATH", str(Path(pl.__file__).resolve().parents[1]))
-    task = pl.BackgroundSteps(plan)
-    deadline = time.monotonic() + 60
-    while not task.finished and time.monotonic() < deadline:
-        task.poll()
-        time.sleep(0.05)
-    assert task.state == "done", task.error
-    assert sha in (tmp_path / "cache" / "verified.json").read_text()  # checked against the hub's sha256
-
-    spec = {"source": "hub", "repo": "example/model", "files": ["m.pt"], "size_bytes": 1000}
-    monkeypatch.setattr(pl, "get_model", lambda model_id: SimpleNamespace(weights=spec))
-    blobs = tmp_path / "hub" / "models--example--model" / "blobs"
-    blobs.mkdir(parents=True)
-    (blobs / "old").write_bytes(b"x" * 100)  # already there before the download started: not counted
-    percent = pl.weights_progress("x")
-    assert percent() == 0
-    (blobs / "partial.incomplete").write_bytes(b"x" * 250)
-    assert percent() == 25
-    (blobs / "partial.incomplete").write_bytes(b"x" * 1000)
-    assert percent() == 99  # 100 only when the step says it is done
+    assert panel.parse_prompts(" liver,  left kidney; Liver\ntumor ,") == ["liver", "left kidney", "tumor"]
+    assert panel.join_prompts(["liver", "tumor"]) == "liver, tumor"
 
 
 def test_describe_error_gives_a_sentence_and_an_action():
     from biomedseg.errors import DependencyMissingError, OutOfMemoryError, WeightsMissingError, WorkerCrashedError
 
-    m = pl.describe_error(DependencyMissingError("Model 'x' needs torch.", hint="pip install torch"))
+    m = panel.describe_error(DependencyMissingError("Model 'x' needs torch.", hint="pip install torch"))
     assert m.action == "install_dependencies" and m.text == "Model 'x' needs torch. pip install torch"
-    assert pl.describe_error(WeightsMissingError("Not in the hub cache.")).action == "download_weights"
-    assert pl.describe_error(WeightsMissingError("Not on this machine.")).action == "choose_weights"
-    assert pl.describe_error(WorkerCrashedError("It stopped.")).action == "retry"
-    assert "CPU" in pl.describe_error(OutOfMemoryError("CUDA out of memory.")).text
-    assert pl.describe_error(RuntimeError("boom")).text.startswith("Unexpected error: boom.")
+    assert panel.describe_error(WeightsMissingError("Not in the hub cache.")).action == "download_weights"
+    assert panel.describe_error(WeightsMissingError("Not on this machine.")).action == "choose_weights"
+    assert panel.describe_error(WorkerCrashedError("It stopped.")).action == "retry"
+    assert "CPU" in panel.describe_error(OutOfMemoryError("CUDA out of memory.")).text
+    assert panel.describe_error(RuntimeError("boom")).text.startswith("Unexpected error: boom.")
 
 
 def test_another_python_runs_without_slicers_python_variables(monkeypatch, scene):
     monkeypatch.setenv("PYTHONHOME", "/slicer/lib/Python")
     monkeypatch.setenv("PYTHONPATH", "/slicer/lib/Python/site-packages")
-    env = pl.isolated_environment()
+    env = panel.isolated_environment()
     assert "PYTHONHOME" not in env and "PYTHONPATH" not in env and env["PATH"] == __import__("os").environ["PATH"]
-    controller = pl.PanelController(scene, default_python=sys.executable)
+    controller = panel.PanelController(scene, default_python=sys.executable)
     assert controller.client_for("").env is None  # Slicer's own Python: its environment as is
     other = controller.client_for("/opt/envs/worker/bin/python")
     assert other.python == "/opt/envs/worker/bin/python" and "PYTHONHOME" not in other.env
     controller.close()
+
+
+def test_old_panel_logic_names_are_the_same_objects():
+    """Scenes and scripts that did ``from biomedseg import panel_logic`` keep working on the new package."""
+    from biomedseg import catalog, panel_logic
+    from biomedseg.io import dicom_files
+    from biomedseg.panel import controller, guessing, install, messages, models, request, state
+
+    old_all = ["PanelState", "PanelController", "ModelChoice", "Guess", "Progress", "PanelMessage", "RunOutcome",
+               "PollResult", "button_states", "state_from_parameters", "state_for_guess", "model_choices",
+               "model_states", "guess_modality_site", "suggestions", "modalities_for", "sites_for",
+               "match_modality", "match_site", "build_request", "describe_progress", "describe_error",
+               "install_plan", "download_plan", "missing_requirements", "isolated_environment",
+               "missing_engine_packages", "BackgroundSteps", "constraints_for_installed", "parse_prompts",
+               "join_prompts", "read_dicom_tags", "order_dicom_files", "weights_progress", "crop_box",
+               "crop_volume", "SLICE_AXES", "DEVICES", "POSTPROCESS", "WRITE_MODES", "EXPORT_FORMATS"]
+    assert sorted(panel_logic.__all__) == sorted(old_all)
+    for name in panel_logic.COMPATIBLE_NAMES:  # __all__ and what tests, scripts and scenes used besides
+        assert hasattr(panel_logic, name), name
+        if name in panel.__all__:
+            assert getattr(panel_logic, name) is getattr(panel, name), name
+    # where each job lives now
+    assert panel_logic.PanelController is controller.PanelController
+    assert panel_logic.PanelState is state.PanelState and panel_logic.SLICE_AXES is state.SLICE_AXES
+    assert panel_logic.ModelChoice is models.ModelChoice and panel_logic.Guess is guessing.Guess
+    assert panel_logic.SITE_WORDS is guessing.SITE_WORDS and panel_logic.build_request is request.build_request
+    # the old crop helpers keep their old form over the engine's one crop path
+    from biomedseg.geometry import crop_volume, make_region, region_box
+
+    vol = small_volume(shape=(10, 12, 14))
+    box = panel_logic.crop_box(vol, "axial", (2, 5))
+    assert box == region_box(vol, make_region("axial", (2, 5))).slices
+    cropped = panel_logic.crop_volume(vol, box)
+    assert np.array_equal(cropped.ijk_to_ras, crop_volume(vol, region_box(vol, make_region("axial", (2, 5)))).ijk_to_ras)
+    assert np.array_equal(panel_logic.uncrop(np.ones(cropped.shape, bool), box, vol.shape)[box], np.ones(cropped.shape))
+    assert panel_logic.describe_progress is messages.describe_progress
+    assert panel_logic.install_plan is install.install_plan and panel_logic.BackgroundSteps is install.BackgroundSteps
+    assert panel_logic.order_dicom_files is dicom_files.order_dicom_files
+    assert panel_logic.read_dicom_tags is dicom_files.read_dicom_tags is guessing.read_dicom_tags
+    assert panel_logic.get_model is catalog.get_model and panel_logic.default_model_id is catalog.default_model_id

@@ -15,6 +15,7 @@ vtk = pytest.importorskip("vtk")
 slicerio = pytest.importorskip("slicerio")
 
 from biomedseg import slicer_bridge as sb  # noqa: E402
+from biomedseg.slicer_bridge import segmentations as sbs  # noqa: E402
 from biomedseg.errors import InputError  # noqa: E402
 from biomedseg.segments import Segment  # noqa: E402
 from biomedseg.volume import LPS_TO_RAS, Volume  # noqa: E402
@@ -188,7 +189,7 @@ def linear_transform_node(scene, name="Registration"):
     node = slicer.vtkMRMLLinearTransformNode()
     node.SetName(name)
     scene.AddNode(node)
-    node.SetMatrixTransformToParent(sb._numpy_to_matrix(matrix))
+    node.SetMatrixTransformToParent(sb.numpy_to_matrix(matrix))
     return node, matrix
 
 
@@ -239,6 +240,38 @@ def test_nonlinear_transform_is_refused_even_when_hardening(scene, reference):
     node.SetAndObserveTransformNodeID(warp.GetID())
     with pytest.raises(InputError, match="non-linear .*'Warp'"):
         sb.volume_from_node(node, harden_transform=True)
+
+
+# ---- markups as prompts ------------------------------------------------------------------
+
+def test_markups_become_typed_prompts_in_world_ras(scene):
+    """An ROI is a box (2D on a plane, or 3D), point lists are clicks; positions are world RAS, so a
+    parent transform is applied, as the slice views show them."""
+    from biomedseg.prompts import BoxPrompt, PointPrompt
+
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    roi.SetCenter(10.0, -5.0, 3.0)
+    roi.SetSize(4.0, 6.0, 8.0)
+    (box,) = sb.prompts_from_markups(roi, target="lesion", plane=None)
+    assert box == BoxPrompt((8.0, -8.0, -1.0), (12.0, -2.0, 7.0), None, "lesion")
+    assert sb.prompts_from_markups(roi, target="lesion")[0].plane == "axial"
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    points.AddControlPoint(1.0, 2.0, 3.0)
+    points.AddControlPoint(-4.0, 5.0, 6.0)
+    transform, matrix = linear_transform_node(scene)
+    points.SetAndObserveTransformNodeID(transform.GetID())
+    found = sb.prompts_from_markups(points, target="lesion", plane="coronal", include=False)
+    expected = [(matrix @ np.array([*p, 1.0]))[:3] for p in ((1.0, 2.0, 3.0), (-4.0, 5.0, 6.0))]
+    assert [type(p) for p in found] == [PointPrompt, PointPrompt]
+    assert all(not p.include and p.plane == "coronal" and p.target == "lesion" for p in found)
+    for prompt, position in zip(found, expected):
+        assert np.allclose(prompt.ras, position, atol=1e-9)
+    empty = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "none")
+    with pytest.raises(InputError, match="'none' has no points"):
+        sb.prompts_from_markups(empty)
+    line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "ruler")
+    with pytest.raises(InputError, match="use an ROI \\(a box\\) or a point list"):
+        sb.prompts_from_markups(line)
 
 
 # ---- writing segments --------------------------------------------------------------------
@@ -376,7 +409,7 @@ def test_write_refuses_surface_segmentations(scene, reference):
 def test_failed_write_leaves_the_segmentation_as_it_was(scene, reference, monkeypatch, mode):
     ref_node, seg_node, masks = populated(scene, reference)
     before = snapshot(seg_node, reference)
-    real, calls = sb._replace_labelmap, []
+    real, calls = sbs._replace_labelmap, []
 
     def refuse_second(node, segment_id, labelmap):
         calls.append(segment_id)
@@ -384,10 +417,10 @@ def test_failed_write_leaves_the_segmentation_as_it_was(scene, reference, monkey
             raise InputError("Slicer refused the labelmap")
         real(node, segment_id, labelmap)
 
-    monkeypatch.setattr(sb, "_replace_labelmap", refuse_second)
+    monkeypatch.setattr(sbs, "_replace_labelmap", refuse_second)
     with pytest.raises(InputError, match="refused"):
         sb.write_segments(seg_node, ref_node, {"spleen": ~masks["spleen"], "aorta": ~masks["aorta"]}, mode=mode)
-    monkeypatch.setattr(sb, "_replace_labelmap", real)
+    monkeypatch.setattr(sbs, "_replace_labelmap", real)
     after = snapshot(seg_node, reference)
     assert list(after) == list(before)
     assert_same_segments(before, after, before)
@@ -414,7 +447,7 @@ def test_segmentation_under_transform_keeps_world_positions(scene, reference):
     # Stored in the segmentation's own frame: transform-to-world undoes the placement.
     local = slicer.vtkOrientedImageData()
     slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(seg_node, sid, local, False)
-    _, local_matrix = sb._oriented_to_array(local)
+    _, local_matrix = sbs._oriented_to_array(local)
     assert np.allclose(matrix @ local_matrix, reference.ijk_to_ras @ _shift(local, local_matrix), atol=1e-9)
 
 
@@ -515,7 +548,7 @@ def _slicerio_mask(data, seg_info):
 
 def _place_on_reference(mask, ijk_to_ras, reference):
     """Put a (k, j, i) mask read from a file (maybe cropped) onto the reference grid by position."""
-    placed = sb._copy_on_same_lattice(mask, ijk_to_ras, reference)
+    placed = sbs._copy_on_same_lattice(mask, ijk_to_ras, reference)
     assert placed is not None, "file grid is not on the reference lattice"
     assert placed.sum() == mask.sum(), "file holds voxels outside the reference grid"
     return placed

@@ -1,4 +1,4 @@
-"""The slice-wise engine: patient-plane slicing, exact placement back, ranges, ROI, cache."""
+"""The slice-wise strategy: patient-plane slicing, exact placement back, the engine's region crop, cache."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from biomedseg.errors import CancelledError, InputError
-from biomedseg.inference.slicewise import FeatureCache, crop_for_roi, run_slicewise
+from biomedseg.geometry import crop_for_roi, crop_volume, make_region, region_box, uncrop
+from biomedseg.runtime.slicewise import FeatureCache, run_slicewise
 from biomedseg.io import read_volume
 from geometry_cases import reoriented
 
@@ -63,24 +64,39 @@ def test_results_follow_patient_space_whatever_the_array_order(chest, plane, per
 
 
 def test_slice_range_and_roi_restrict_work_and_output(chest):
+    """The engine's one crop path: region -> box -> cropped volume -> slices -> back on the full grid."""
     model = QuadrantModel()
     orient = chest.slice_orientation("axial")
-    probs = run_slicewise(chest, model, ["bright"], slice_range=(10, 19), batch_size=4)["bright"]
+    box = region_box(chest, make_region("axial", (10, 19)))
+    sub = run_slicewise(crop_volume(chest, box), model, ["bright"], batch_size=4)["bright"]
+    probs = uncrop(sub, box, chest.shape)
     assert model.encoded == 10
     along = np.moveaxis(probs, orient.slice_axis, 0)
     assert along[:10].max() == 0 and along[20:].max() == 0 and along[10:20].max() == 1
+    # the cropped slices are the same slices: results inside the range equal a whole-volume run's
+    whole = run_slicewise(chest, QuadrantModel(), ["bright"])["bright"]
+    assert np.array_equal(probs[box.slices], whole[box.slices])
     ras = chest.ras_of_voxels()
     lo, hi = ras[5, 30, 40], ras[20, 80, 90]
     crop = crop_for_roi(chest, np.minimum(lo, hi), np.maximum(lo, hi))
     assert crop.start == (5, 30, 40) and crop.stop == (21, 81, 91)
-    probs = run_slicewise(chest, QuadrantModel(), ["bright"], crop=crop)["bright"]
+    assert region_box(chest, make_region("axial", None, (lo, hi))) == crop
+    cropped = crop_volume(chest, crop)
+    assert np.allclose(cropped.ras_of_voxels(), ras[crop.slices])  # the crop stays where it was
+    probs = uncrop(run_slicewise(cropped, QuadrantModel(), ["bright"])["bright"], crop, chest.shape)
     outside = np.ones(chest.shape, bool)
     outside[crop.slices] = False
     assert probs[outside].max() == 0 and probs[crop.slices].max() == 1
+    # both: their intersection
+    both = region_box(chest, make_region("axial", (10, 12), (lo, hi)))
+    assert both.start == (10, 30, 40) and both.stop == (13, 81, 91)
     with pytest.raises(InputError, match="outside 0..33"):
-        run_slicewise(chest, QuadrantModel(), ["bright"], slice_range=(30, 40))
+        region_box(chest, make_region("axial", (30, 40)))
+    with pytest.raises(InputError, match="do not overlap"):
+        region_box(chest, make_region("axial", (0, 2), (lo, hi)))
     with pytest.raises(InputError, match="does not overlap"):
         crop_for_roi(chest, [1e4, 1e4, 1e4], [2e4, 2e4, 2e4])
+    assert region_box(chest, make_region("axial", (0, chest.shape[0] - 1))) is None  # all of it: no crop
 
 
 def test_reprompt_uses_cached_features(chest):

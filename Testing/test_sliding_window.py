@@ -5,7 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from biomedseg.errors import CancelledError, InputError  # noqa: E402
-from biomedseg.inference.sliding_window import (count_forward_passes, sliding_window, unique_windows,  # noqa: E402
+from biomedseg.runtime.sliding_window import (count_forward_passes, sliding_window, unique_windows,  # noqa: E402
                                                 window_grid)
 
 WINDOW = (16, 16, 16)

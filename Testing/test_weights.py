@@ -4,7 +4,7 @@ import hashlib
 import pytest
 
 from biomedseg.errors import WeightsMissingError
-from biomedseg.weights import resolve_weights, weights_state
+from biomedseg.runtime.weights import resolve_weights, weights_state
 
 
 def _spec(tmp_path, sha=None, source="hub"):
@@ -96,7 +96,7 @@ def test_hub_file_checked_against_its_lfs_sha256_when_the_catalogue_has_none(tmp
 def test_small_hub_files_named_by_git_hash_are_not_checked(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from biomedseg.weights import hub_content_sha256
+    from biomedseg.runtime.weights import hub_content_sha256
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     spec = {**_spec(tmp_path), "files": ["vocab.json"]}

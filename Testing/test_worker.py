@@ -248,6 +248,24 @@ def test_out_of_memory_retries_with_half_batch_then_reports(client):
     assert "smaller" in err.value.hint
 
 
+def test_out_of_memory_policy_is_the_same_in_process():
+    """--in-process runs get the engine's one policy too (before, only the worker retried): the batch is
+    halved until it fits, the report says so, and at one unit the error says what to try."""
+    from biomedseg.engine import segment
+
+    vol = small_volume()
+    stages = []
+    result = segment(vol, "test-model", ["target"], options={"mode": "oom", "batch_size": 8, "radius": 5.0},
+                     progress=lambda stage, done, total: stages.append(stage))
+    assert result.segments and result.report["batch_size"] == {"planned": 8, "ran": 2, "units": "steps"}
+    assert result.report["memory_retries"] == [{"from": 8, "to": 4}, {"from": 4, "to": 2}]
+    assert [s for s in stages if "out of memory" in s] == ["out of memory: retrying with batch size 4",
+                                                             "out of memory: retrying with batch size 2"]
+    with pytest.raises(OutOfMemoryError, match="with 1 steps per pass") as err:
+        segment(vol, "test-model", ["target"], options={"mode": "oom", "always_oom": True})
+    assert "smaller slice range or ROI" in err.value.hint
+
+
 def test_two_requests_queue_instead_of_interleaving(client):
     vol = small_volume()
     log = []
@@ -339,3 +357,52 @@ def test_blocks_are_reused_and_trimmed_pool_is_forgotten_by_worker(client):
     client.run(vol, "test-model", ["target"], timeout=60, options={"radius": 5.0})
     assert client.pool.idle == [] and protocol.list_blocks() == []
     assert client.request("ping")["pid"]  # the forget message was accepted
+
+
+def fake_worker_python(tmp_path, ready: dict) -> tuple[str, "Path"]:
+    """An executable that stands in for another environment's Python: whatever it is asked to run,
+    it announces ``ready`` like a worker of another engine and records every line it is sent."""
+    import sys
+    from pathlib import Path
+
+    record = tmp_path / "received.txt"
+    script = tmp_path / "python-of-another-env"
+    script.write_text(f"""#!{sys.executable}
+import json, sys
+print(json.dumps({ready!r}), flush=True)
+with open({str(record)!r}, "w") as out:
+    for line in sys.stdin:
+        out.write(line)
+        out.flush()
+""")
+    script.chmod(0o755)
+    return str(script), Path(record)
+
+
+@pytest.mark.parametrize("version,protocol_version,side", [("0.0.9", None, "worker is out of date"),
+                                                           ("99.0", 99, "This side is older")])
+def test_a_stale_or_newer_worker_is_refused_with_what_to_update(tmp_path, version, protocol_version, side):
+    from biomedseg.errors import WorkerMismatchError
+
+    ready = {"event": "ready", "pid": 1, "version": version, "engine_root": "/old/checkout"}
+    if protocol_version is not None:
+        ready["protocol"] = protocol_version
+    python, record = fake_worker_python(tmp_path, ready)
+    client = WorkerClient(python=python)
+    try:
+        job = client.submit(small_volume(), "test-model", ["target"], options={"radius": 5.0})
+        with pytest.raises(WorkerMismatchError) as err:
+            client.wait(job, timeout=30)
+        text = str(err.value)
+        assert f"BiomedSeg {version}" in text and "/old/checkout" in text and side in text
+        assert job.state == "failed" and not client.alive
+        assert not record.exists() or record.read_text() == ""  # nothing was sent to it
+        assert_blocks_only_pooled(client)
+        with pytest.raises(WorkerMismatchError):
+            client.request("ping", timeout=30)
+    finally:
+        client.close()
+    from biomedseg.cli import worker_report
+
+    report = worker_report(python)
+    assert side in report["error"]

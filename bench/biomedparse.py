@@ -10,7 +10,7 @@ speed, not segmentation quality. Two ways to segment every slice:
              batch 1 in float32 with all prompts joined in one call (their
              ``interactive_infer_image``: image encoder, text encoder, decoder), the
              probabilities un-padded back onto the slice. Nothing is kept between calls.
-  engine  -- ``BiomedParseBackend.predict``: image features once per slice and shared by
+  engine  -- ``biomedseg.engine.segment`` with BiomedParse's backend: image features once per slice and shared by
              all prompts, each prompt decoded on its own, text embeddings cached, features
              cached for re-prompting, batches sized from free memory; on CUDA the torch
              preprocessing on the device and bfloat16/float16 autocast.
@@ -154,10 +154,9 @@ def main() -> None:
 
     import torch
 
-    from biomedseg.inference.device import resolve_device
-    from biomedseg.models.biomedparse.backend import BiomedParseBackend
-    from biomedseg.models.biomedparse.checkpoint import expected_shapes
-    from biomedseg.models.biomedparse.model import build_biomedparse_v1
+    from biomedseg.runtime.device import resolve_device
+    from biomedseg.engine import load_backend, segment
+    from biomedseg.models.biomedparse.checkpoint import build_biomedparse_v1, expected_shapes
 
     device, reason = resolve_device(args.device)
     gpu = device.startswith("cuda")
@@ -181,7 +180,7 @@ def main() -> None:
         options["amp"] = False
     if args.exact:
         options["exact_preprocessing"] = True
-    backend = BiomedParseBackend(device, str(checkpoint))
+    backend, _ = load_backend("biomedparse-v1", device, str(checkpoint))
     naive_model = build_biomedparse_v1(checkpoint=checkpoint, device=device)  # as built: fp32, reference layouts
     tokenizer = backend.tokenizer
 
@@ -195,8 +194,8 @@ def main() -> None:
         sync()
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            out = backend.predict(volume, prompts, progress=lambda *a: None, cancelled=lambda: False,
-                                  options=options)
+            out = segment(volume, "biomedparse-v1", prompts, device=device, weights=str(checkpoint),
+                          options=options, keep_probabilities=True).probabilities
             sync()
             seconds = time.perf_counter() - t0
         return out, seconds, mem.peak
@@ -212,7 +211,7 @@ def main() -> None:
 
     # warm-up on one slice each (allocator, kernels), not timed
     warm = Volume(volume.array[:1], volume.ijk_to_ras, meta=volume.meta)
-    backend.predict(warm, FIRST, progress=lambda *a: None, cancelled=lambda: False, options=options)
+    segment(warm, "biomedparse-v1", FIRST, device=device, weights=str(checkpoint), options=options)
     naive_segment(naive_model, tokenizer, warm, FIRST, size, device)
 
     rows = []

@@ -13,7 +13,7 @@ import time
 
 import common  # noqa: F401  (puts the engine on sys.path)
 
-from biomedseg.inference.runner import segment
+from biomedseg.engine import segment
 from biomedseg.io import read_volume
 
 TEMPLATES = "/usr/share/mricron/templates"

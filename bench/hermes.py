@@ -131,7 +131,7 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from biomedseg.inference.device import resolve_device
+    from biomedseg.runtime.device import resolve_device
     from biomedseg.models.hermes.backend import auto_batch_size
     from biomedseg.models.hermes.inference import WINDOW, _autocast, end_pad, unique_windows, window_grid
     from biomedseg.models.hermes.network import build_hermes_r

@@ -6,7 +6,7 @@ The .ui is loaded with PySide6 and stand-ins for Slicer's qMRML/ctk widgets
 BiomedSeg.py drives it: Colin27 (a real T1, Debian's mricron-data) in a real MRML scene
 (slicer-core), the engine's guess of modality and site, the catalogue's model states and
 suggestions, one deepbet run through the worker (its result line), then a second run caught
-mid-way (its progress text and time left). Buttons follow ``panel_logic.button_states``, the
+mid-way (its progress text and time left). Buttons follow ``biomedseg.panel.button_states``, the
 rules the module uses (busy: only Cancel). Slicer's own views and styling are not shown.
 
     QT_QPA_PLATFORM=offscreen python scripts/render_panel.py [OUT.png]
@@ -29,17 +29,17 @@ def capture_run(image: Path = COLIN) -> dict:
     """Run deepbet on ``image`` through the worker like the panel does; return what the panel showed."""
     from conftest import mrml_scene
 
-    from biomedseg import panel_logic as pl
     from biomedseg import slicer_bridge as sb
     from biomedseg.io import read_volume
+    from biomedseg.panel import PanelController, button_states, state_for_guess
 
     with mrml_scene() as scene:
         volume = read_volume(image)
         node = sb.node_from_volume(scene, volume, volume.name)
-        controller = pl.PanelController(scene)
+        controller = PanelController(scene)
         try:
             info = controller.describe_volume(node)
-            state = pl.state_for_guess("deepbet", ["brain"], info["guess"])
+            state = state_for_guess("deepbet", ["brain"], info["guess"])
             controller.start(state, node)
             first = controller.wait(timeout=600)
             if first.state != "done":
@@ -56,8 +56,8 @@ def capture_run(image: Path = COLIN) -> dict:
                     progress = result.progress
                     break
                 time.sleep(0.01)
-            buttons = pl.button_states(busy=controller.running, can_run=True, can_undo=controller.can_undo,
-                                       has_result=bool(first.names))
+            buttons = button_states(busy=controller.running, can_run=True, can_undo=controller.can_undo,
+                                    has_result=bool(first.names))
             controller.cancel()
             controller.wait(timeout=60)
         finally:
@@ -74,7 +74,10 @@ def fill(panel, run: dict) -> None:
     from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QLabel, QLineEdit, QListWidget,
                                    QListWidgetItem, QProgressBar, QPushButton, QSpinBox)
 
-    from biomedseg import panel_logic as pl
+    from biomedseg.catalog import get_model
+    from biomedseg.panel import (DEVICES, EXPORT_FORMATS, POSTPROCESS, SLICE_AXES, WRITE_MODES, modalities_for,
+                                 model_choices, sites_for)
+    from biomedseg.panel import suggestions as suggested_prompts
     from qt_standins import ctkCollapsibleButton, ctkPathLineEdit, qMRMLNodeComboBox
 
     def find(cls, name):
@@ -89,7 +92,7 @@ def fill(panel, run: dict) -> None:
     find(qMRMLNodeComboBox, "outputSegmentationSelector").setNodeNames([run["segmentation"]], run["segmentation"])
 
     # Models and their state on this machine, as the module lists them (disabled ones greyed out).
-    choices = pl.model_choices("auto", {c.id: pl.get_model(c.id).state() for c in pl.model_choices("auto")})
+    choices = model_choices("auto", {c.id: get_model(c.id).state() for c in model_choices("auto")})
     models = find(QComboBox, "modelComboBox")
     for choice in choices:
         models.addItem(choice.label, choice.id)
@@ -100,20 +103,21 @@ def fill(panel, run: dict) -> None:
             item_model.item(row).setEnabled(choice.enabled)
     current = next(c for c in choices if c.id == state.model)
     models.setCurrentIndex(choices.index(current))
-    mark = "\u2714" if current.ready else "\u26a0"
-    find(QLabel, "modelStateLabel").setText(f"{mark} {current.state}: {current.detail}")
+    find(QLabel, "modelStateLabel").setText(current.status_line)
     find(QPushButton, "modelActionButton").setVisible(current.action is not None)
+    for name, cls in (("promptMarkupsLabel", QLabel), ("promptMarkupsSelector", qMRMLNodeComboBox)):
+        find(cls, name).setVisible(current.takes_markups)  # the Box / points row: only for box or point models
 
     modality = find(QComboBox, "modalityComboBox")
-    modality.addItems(pl.modalities_for(state.model))
+    modality.addItems(modalities_for(state.model))
     modality.setCurrentText(state.modality)
     site = find(QComboBox, "siteComboBox")
-    site.addItems(pl.sites_for(state.model, state.modality))
+    site.addItems(sites_for(state.model, state.modality))
     site.setCurrentText(state.site)
     find(QLabel, "guessLabel").setText(run["guess"].reason)
     find(QLineEdit, "promptsLineEdit").setText(", ".join(state.prompts))
     suggestions = find(QListWidget, "suggestionsListWidget")
-    for target in pl.suggestions(state.model, state.modality, state.site):
+    for target in suggested_prompts(state.model, state.modality, state.site):
         item = QListWidgetItem(target)
         item.setCheckState(Qt.Checked if target in state.prompts else Qt.Unchecked)
         suggestions.addItem(item)
@@ -123,10 +127,10 @@ def fill(panel, run: dict) -> None:
     find(QSpinBox, "sliceLastSpinBox").setValue(last)
 
     # Advanced options: the parameter node's choices.
-    for name, values, value in (("sliceAxisComboBox", pl.SLICE_AXES, state.slice_axis),
-                                ("postprocessComboBox", list(pl.POSTPROCESS), state.postprocess),
-                                ("writeModeComboBox", list(pl.WRITE_MODES), state.write_mode),
-                                ("deviceComboBox", pl.DEVICES, state.device)):
+    for name, values, value in (("sliceAxisComboBox", SLICE_AXES, state.slice_axis),
+                                ("postprocessComboBox", list(POSTPROCESS), state.postprocess),
+                                ("writeModeComboBox", list(WRITE_MODES), state.write_mode),
+                                ("deviceComboBox", DEVICES, state.device)):
         combo = find(QComboBox, name)
         combo.addItems(values)
         combo.setCurrentText(value)
@@ -146,7 +150,7 @@ def fill(panel, run: dict) -> None:
     find(QLabel, "absentLabel").setVisible(bool(run["first"].absent))
     find(QCheckBox, "show3DCheckBox").setChecked(state.show_3d)
     formats = find(QComboBox, "exportFormatComboBox")
-    for suffix, label in pl.EXPORT_FORMATS.items():
+    for suffix, label in EXPORT_FORMATS.items():
         if suffix != ".dcm" or run["dicom"]:  # DICOM SEG only for DICOM sources
             formats.addItem(label, suffix)
     for name, enabled in run["buttons"].items():

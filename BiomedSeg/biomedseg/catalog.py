@@ -1,30 +1,49 @@
 """The model catalogue: which models exist, what they take, where their weights come from.
 
-The data lives in ``resources/models.json`` (checked against ``models.schema.json``) so
-the panel, the CLI and the worker agree on one list. Nothing here imports torch or model
-code; the state of a model on this machine is found by looking, not by loading. A model
-with a large fixed vocabulary may name torch-free functions instead of listing it:
-``targets_provider`` (returns the {modality: {site: [prompt]}} table) and
-``prompt_check`` (raises InputError for prompts it cannot do, before anything loads).
+It is assembled from the model folders (``models/<name>/model.json``, each checked against
+``resources/model.schema.json``) plus what ``$BIOMEDSEG_EXTRA_MODELS`` names
+(``os.pathsep``-separated): a model folder, a folder of model folders, or a catalogue file
+``{"schema_version": 1, "models": [...]}`` whose entries live in the file's folder. So the
+panel, the CLI and the worker agree on one list, and a site adds a model by adding a folder.
+
+Nothing here imports torch or backend code; the state of a model on this machine is found
+by looking, not by loading. Names in a model.json (``backend``, ``targets_provider``,
+``prompt_check``, ``targets_file``) are relative to its folder; the folder is imported as a
+package of its own, so its code can import its neighbours relatively.
 """
 from __future__ import annotations
 
 import difflib
+import hashlib
+import importlib
 import importlib.util
 import json
+import math
 import os
+import re
+import sys
+import types
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 from .errors import InputError
-from .weights import weights_state
+from .prompts import MaskPrompt, TextPrompt, as_prompts, clean_text
+from .runtime.weights import weights_state
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+EXTRA_PACKAGE = "biomedseg_extra_models"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelEntry:
+    """One model's catalogue entry and the folder it lives in."""
+
     data: dict
+    folder: Path | None = None
+    #: the Python package the folder is imported as
+    package: str = ""
 
     def __getattr__(self, key):
         try:
@@ -36,20 +55,46 @@ class ModelEntry:
     def weights(self) -> dict:
         return self.data["weights"]
 
+    @property
+    def prompt_types(self) -> list[str]:
+        return list(self.data.get("prompt_types", ["text"]))
+
+    @property
+    def results(self) -> list[str]:
+        return list(self.data.get("results", ["masks"]))
+
+    @property
+    def options(self) -> dict:
+        """Declared options: name -> {type, default, help, ...}."""
+        return dict(self.data.get("options", {}))
+
+    @property
+    def interactive(self) -> bool:
+        return bool(self.data.get("interactive", False))
+
+    @property
+    def postprocess_defaults(self) -> dict:
+        defaults = {"keep_largest": False, "fill_holes": False}
+        defaults.update(self.data.get("postprocess", {}))
+        return defaults
+
+    def resource(self, name: str) -> Path:
+        """A file of the model's folder (targets, terminology, ...)."""
+        return (self.folder or MODELS_DIR) / name
+
     def target_table(self) -> dict:
         """{modality: {site: [prompt, ...]}} from ``targets``, ``targets_file`` or ``targets_provider``."""
         table = self.data.get("targets")
         if table is None and self.data.get("targets_file"):
-            table = json.loads(_resource_text(self.data["targets_file"]))["targets"]
+            table = json.loads(self.resource(self.data["targets_file"]).read_text())["targets"]
         if table is None and self.data.get("targets_provider"):
-            table = _provided_targets(self.data["targets_provider"])
+            table = _provided_targets(self, self.data["targets_provider"])
         return table or {}
 
     def targets(self, modality: str | None = None, site: str | None = None) -> list[str]:
         """Recommended prompts, for one modality/site or all of them (sorted, unique)."""
-        table = self.target_table()
         names = set()
-        for mod, sites in table.items():
+        for mod, sites in self.target_table().items():
             if modality and mod.lower() != modality.lower():
                 continue
             for s, targets in sites.items():
@@ -59,6 +104,7 @@ class ModelEntry:
         return sorted(names)
 
     def missing_requirements(self) -> list[str]:
+        importlib.invalidate_caches()
         return [name for name in self.data["requires"] if importlib.util.find_spec(name) is None]
 
     def state(self) -> dict:
@@ -76,46 +122,127 @@ class ModelEntry:
                     else "weights missing", "detail": weights["detail"]}
         return {"ready": True, "state": "ready", "detail": weights["detail"]}
 
+    def resolve(self, path: str):
+        """The object a 'module:name' of this model.json names (module relative to the folder)."""
+        module_name, _, attr = path.partition(":")
+        return getattr(import_model_module(self, module_name), attr)
 
-def _call(path: str, *args):
-    """Call a torch-free 'package.module:function' named by the catalogue."""
-    module_name, _, func = path.partition(":")
-    return getattr(importlib.import_module(module_name), func)(*args)
+
+# ---- importing a model folder's code -----------------------------------------------------
+
+def _extra_package_name(folder: Path) -> str:
+    digest = hashlib.sha1(str(folder).encode()).hexdigest()[:10]
+    safe = re.sub(r"\W", "_", folder.name) or "model"
+    return f"{EXTRA_PACKAGE}.{safe}_{digest}"
 
 
-@lru_cache(maxsize=None)
-def _provided_targets(path: str) -> dict:
-    return _call(path)
+def _ensure_package(name: str, folder: Path) -> None:
+    """Register ``folder`` as the package ``name`` (no __init__.py needed) so relative imports work.
+    ``name`` lives under the synthetic top-level package ``EXTRA_PACKAGE``."""
+    if name in sys.modules:
+        return
+    if EXTRA_PACKAGE not in sys.modules:
+        root = types.ModuleType(EXTRA_PACKAGE)
+        root.__path__ = []
+        sys.modules[EXTRA_PACKAGE] = root
+    init = folder / "__init__.py"
+    if init.is_file():
+        spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    else:
+        module = types.ModuleType(name)
+        module.__path__ = [str(folder)]
+        module.__file__ = None
+        sys.modules[name] = module
 
+
+def import_model_module(entry: ModelEntry, module_name: str):
+    """Import ``module_name`` from the model's folder; names that are not files there are absolute."""
+    folder = entry.folder
+    relative = folder is not None and ((folder / (module_name.replace(".", "/") + ".py")).is_file()
+                                       or (folder / module_name.replace(".", "/")).is_dir())
+    if not relative:
+        return importlib.import_module(module_name)
+    if entry.package.startswith(EXTRA_PACKAGE + "."):
+        _ensure_package(entry.package, folder)
+    return importlib.import_module(f"{entry.package}.{module_name}")
+
+
+#: (package, 'module:function') -> the table a targets_provider returned (vocabularies do not change).
+_PROVIDED: dict = {}
+
+
+def _provided_targets(entry: ModelEntry, path: str) -> dict:
+    key = (entry.package, path)
+    if key not in _PROVIDED:
+        _PROVIDED[key] = entry.resolve(path)()
+    return _PROVIDED[key]
+
+
+# ---- assembling the catalogue --------------------------------------------------------------
 
 def _resource_text(name: str) -> str:
     return resources.files("biomedseg.resources").joinpath(name).read_text()
 
 
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{what} '{path}' cannot be read ({exc}).") from None
+
+
+def _folder_entries(folder: Path, what: str) -> list[tuple[dict, Path]]:
+    return [(_read_json(folder / "model.json", what), folder)]
+
+
+def _extra_entries(path: Path) -> list[tuple[dict, Path]]:
+    what = "Extra model catalogue"
+    if path.is_dir() and (path / "model.json").is_file():
+        return _folder_entries(path, what)
+    if path.is_dir():
+        return [pair for sub in sorted(path.iterdir()) if (sub / "model.json").is_file()
+                for pair in _folder_entries(sub, what)]
+    if path.is_file():
+        data = _read_json(path, what)
+        if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+            raise InputError(f"{what} '{path}' has no 'models' list.")
+        return [(m, path.parent) for m in data["models"]]
+    raise InputError(f"{what} '{path}' does not exist.", hint="Fix $BIOMEDSEG_EXTRA_MODELS.")
+
+
 @lru_cache(maxsize=1)
 def load_catalog() -> tuple[ModelEntry, ...]:
-    """The bundled catalogue plus any files listed in ``$BIOMEDSEG_EXTRA_MODELS``.
-
-    Extra files (``os.pathsep``-separated) use the same schema; they let a site add its own
-    models (and the tests add controllable ones) without editing the package.
-    """
-    data = json.loads(_resource_text("models.json"))
+    """The bundled model folders plus what ``$BIOMEDSEG_EXTRA_MODELS`` names, each checked."""
+    pairs = [pair for folder in sorted(MODELS_DIR.iterdir()) if (folder / "model.json").is_file()
+             for pair in _folder_entries(folder, "Model catalogue entry")]
+    pairs.sort(key=lambda pair: (pair[0].get("id") != default_model_id(), pair[1].name))  # the default first
+    bundled = len(pairs)
     for extra in filter(None, os.environ.get("BIOMEDSEG_EXTRA_MODELS", "").split(os.pathsep)):
-        try:
-            data["models"] += json.loads(Path(extra).read_text())["models"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"Extra model catalogue '{extra}' cannot be read ({exc}).") from None
-    validate_catalog(data)
-    return tuple(ModelEntry(m) for m in data["models"])
+        pairs += _extra_entries(Path(extra).expanduser().resolve())
+    validate_entries([data for data, _ in pairs])
+    entries = []
+    for n, (data, folder) in enumerate(pairs):
+        package = f"biomedseg.models.{folder.name}" if n < bundled else _extra_package_name(folder)
+        entries.append(ModelEntry(data, folder, package))
+    return tuple(entries)
 
 
-def validate_catalog(data: dict) -> None:
-    """Check catalogue data against its JSON schema (and that ids are unique)."""
+@lru_cache(maxsize=1)
+def model_schema() -> dict:
+    return json.loads(_resource_text("model.schema.json"))
+
+
+def validate_entries(models: list[dict]) -> None:
+    """Check model.json data against the schema, and that ids are unique."""
     import jsonschema
 
-    schema = json.loads(_resource_text("models.schema.json"))
-    jsonschema.validate(data, schema)
-    ids = [m["id"] for m in data["models"]]
+    schema = model_schema()
+    for data in models:
+        jsonschema.validate(data, schema)
+    ids = [m["id"] for m in models]
     if len(ids) != len(set(ids)):
         raise ValueError(f"duplicate model ids in catalogue: {ids}")
 
@@ -132,23 +259,96 @@ def default_model_id() -> str:
     return "deepbet"
 
 
-def check_prompts(model_id: str, prompts: list[str]) -> list[str]:
-    """Clean prompts (strip, drop duplicates) and refuse ones a fixed-vocabulary model can't do."""
+# ---- declared options ----------------------------------------------------------------------
+# Backend options are declared in each model.json and everything else is refused here, against
+# the declarations: a typo (``--option p_vlaue=0``) or a value of the wrong type fails at once
+# with the list of the model's options, before any weights are looked for or any model is
+# loaded. Backends still check what a type cannot say (ranges that depend on each other, the
+# modality of this image) in ``plan``.
+
+TYPE_WORDS = {"bool": "true or false", "int": "a whole number", "number": "a number", "string": "text",
+              "choice": "one of", "path": "a file path", "any": "a value"}
+
+
+def describe_options(declared: dict) -> str:
+    """'a (int), b (bool)' -- for error messages and `biomedseg models`."""
+    return ", ".join(f"{name} ({spec['type']})" for name, spec in sorted(declared.items())) or "none"
+
+
+def _check_value(model_id: str, name: str, spec: dict, value):
+    kind = spec["type"]
+    what = f"Option '{name}' of model '{model_id}'"
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif kind in ("string", "path"):
+        ok = isinstance(value, str)
+    elif kind == "choice":
+        ok = value in spec["choices"]
+        if not ok:
+            raise InputError(f"{what} must be one of {', '.join(map(str, spec['choices']))}, got {value!r}.",
+                             hint=spec["help"])
+    else:
+        ok = True
+    if not ok:
+        raise InputError(f"{what} must be {TYPE_WORDS[kind]}, got {value!r}.", hint=spec["help"])
+    if kind in ("int", "number"):
+        if "min" in spec and value < spec["min"]:
+            raise InputError(f"{what} must be at least {spec['min']}, got {value!r}.", hint=spec["help"])
+        if "max" in spec and value > spec["max"]:
+            raise InputError(f"{what} must be at most {spec['max']}, got {value!r}.", hint=spec["help"])
+    return value
+
+
+def check_options(model_id: str, declared: dict, options: dict | None) -> dict:
+    """The options with every declared name present (defaults filled in); InputError naming an
+    undeclared option and listing the declared ones, or a value of the wrong type."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(declared))
+    if unknown:
+        names = ", ".join(repr(u) for u in unknown)
+        raise InputError(f"Model '{model_id}' has no option {names}.",
+                         hint=f"Its options are: {describe_options(declared)} (see `biomedseg models`).")
+    out = {}
+    for name, spec in declared.items():
+        value = options.get(name)
+        out[name] = spec.get("default") if value is None else _check_value(model_id, name, spec, value)
+    return out
+
+
+# ---- prompts -----------------------------------------------------------------------------
+
+def check_prompts(model_id: str, prompts) -> list:
+    """Typed, cleaned prompts the model can take: text stripped and de-duplicated, prompt types
+    the model declares, and text checked against a fixed vocabulary (close matches suggested)."""
     entry = get_model(model_id)
-    cleaned = []
-    for p in prompts:
-        p = " ".join(str(p).split())
-        if p and p.lower() not in {c.lower() for c in cleaned}:
-            cleaned.append(p)
+    cleaned, seen = [], set()
+    for p in as_prompts(prompts):
+        if isinstance(p, TextPrompt):
+            text = clean_text(p.text)
+            if not text or text.lower() in seen:
+                continue
+            seen.add(text.lower())
+            p = TextPrompt(text)
+        elif isinstance(p, MaskPrompt) and not p.mask.any():
+            raise InputError(f"The mask prompt for {p.target!r} is empty.", hint="Choose a segment that has voxels.")
+        if p.type not in entry.prompt_types:
+            raise InputError(f"Model '{model_id}' does not take {p.type} prompts; it takes "
+                             f"{', '.join(entry.prompt_types)}.")
+        cleaned.append(p)
     if not cleaned:
         suggestions = ", ".join(entry.targets()[:8])
         raise InputError(f"No prompt given for model '{model_id}'.",
                          hint=f"Try: {suggestions}." if suggestions else None)
-    if entry.data.get("prompt_check"):  # the model's own vocabulary check (synonyms, close matches)
-        _call(entry.data["prompt_check"], cleaned)
-    elif entry.prompt_kind == "fixed":
+    texts = [p.text for p in cleaned if isinstance(p, TextPrompt)]
+    if texts and entry.data.get("prompt_check"):  # the model's own vocabulary check (synonyms, close matches)
+        entry.resolve(entry.data["prompt_check"])(texts)
+    elif texts and entry.prompt_kind == "fixed":
         known = entry.targets()
-        for p in cleaned:
+        for p in texts:
             if p.lower() not in {k.lower() for k in known}:
                 close = difflib.get_close_matches(p.lower(), known, n=3, cutoff=0.5)
                 raise InputError(f"Model '{model_id}' cannot segment '{p}'; it knows only: {', '.join(known)}.",

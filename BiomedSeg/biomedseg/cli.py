@@ -28,7 +28,7 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
 
 
 def cmd_models(args) -> int:
-    from .catalog import load_catalog
+    from .catalog import describe_options, load_catalog
 
     entries = []
     for e in load_catalog():
@@ -37,6 +37,8 @@ def cmd_models(args) -> int:
             "id": e.id, "version": e.version, "family": e.family, "title": e.title, "task": e.task,
             "input": e.input, "prompt_kind": e.prompt_kind, "modalities": e.modalities,
             "targets": e.targets(), "weights": w, **{f"state_{k}": v for k, v in e.state().items()},
+            "prompt_types": e.prompt_types, "results": e.results, "options": e.options,
+            "interactive": e.interactive,
         })
     if args.json:
         print(json.dumps(entries, indent=2))
@@ -51,6 +53,10 @@ def cmd_models(args) -> int:
         print(f"{m['id']}: {m['task']}")
         if targets:
             print(f"    prompts: {targets}")
+        if m["prompt_types"] != ["text"]:
+            print(f"    prompt types: {', '.join(m['prompt_types'])}; returns {', '.join(m['results'])}")
+        if m["options"]:
+            print(f"    options: {describe_options(m['options'])}")
         if not m["state_ready"]:
             print(f"    to use it: {m['state_detail']}")
     return 0
@@ -83,13 +89,11 @@ class _ProgressBar:
 
 
 def model_options(args) -> dict:
-    """Options passed through to the model backend (each backend documents the ones it reads)."""
+    """Options passed through to the model backend (each model's model.json declares the ones it takes)."""
     options = {}
-    for key in ("modality", "site", "plane", "batch_size"):
+    for key in ("modality", "site", "batch_size"):
         if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
-    if args.slice_range is not None:
-        options["slice_range"] = list(args.slice_range)
     for item in args.option or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -101,29 +105,67 @@ def model_options(args) -> dict:
     return options
 
 
+def region_of(args):
+    """The region to segment: --plane with --slice-range (any model; 2D models also cut along --plane)."""
+    from .geometry import make_region
+
+    return make_region(args.plane or "axial", list(args.slice_range) if args.slice_range else None)
+
+
+def prompts_of(args) -> list:
+    """Text prompts (--prompt, comma-separated like the panel) and geometric ones (--box, --point)."""
+    from .prompts import BoxPrompt, PointPrompt, TextPrompt, parse_text_prompts
+
+    prompts: list = [TextPrompt(text) for text in parse_text_prompts(";".join(args.prompt or []))]
+    target = " ".join((args.target or "object").split())
+    plane = None if args.box_3d else (args.plane or "axial")
+    for box in args.box or []:
+        prompts.append(BoxPrompt(tuple(box[:3]), tuple(box[3:]), plane, target))
+    for point in args.point or []:
+        prompts.append(PointPrompt(tuple(point), True, args.plane or "axial", target))
+    for point in args.exclude_point or []:
+        prompts.append(PointPrompt(tuple(point), False, args.plane or "axial", target))
+    return prompts
+
+
+def _report_extras(result, log) -> None:
+    for label in result.labels:
+        log(f"label: {label.name} ({label.score:.3f})" + (f" for '{label.target}'" if label.target else ""))
+    for finding in result.findings:
+        log(f"finding: {finding.text}" + (f" [{', '.join(finding.targets)}]" if finding.targets else ""))
+
+
 def cmd_segment(args) -> int:
+    from .catalog import check_options, check_prompts, get_model
     from .io import read_volume, write_segmentation
-    from .io.writers import SEGMENTATION_SUFFIXES
     from .io.readers import suffix_of
-    from .catalog import check_prompts
-    from .inference.runner import segment
+    from .io.writers import SEGMENTATION_SUFFIXES, write_result_json
 
     output = Path(args.output)
-    if suffix_of(output) not in SEGMENTATION_SUFFIXES:
-        raise InputError(f"Output '{output}' must end in one of {', '.join(SEGMENTATION_SUFFIXES)}.")
+    if suffix_of(output) not in SEGMENTATION_SUFFIXES + (".json",):
+        raise InputError(f"Output '{output}' must end in one of {', '.join(SEGMENTATION_SUFFIXES + ('.json',))}.")
     for target in filter(None, [output, args.preview and Path(args.preview)]):
         if target.exists() and not args.overwrite:
             raise InputError(f"'{target}' already exists.", hint="Choose another name or pass --overwrite.")
-    prompts = check_prompts(args.model, args.prompt or [])
+    prompts = check_prompts(args.model, prompts_of(args))
+    entry = get_model(args.model)
+    options = model_options(args)
+    check_options(args.model, entry.options, options)  # undeclared options fail before anything is read
+    region = region_of(args)
+    if "masks" not in entry.results and suffix_of(output) != ".json":
+        raise InputError(f"Model '{args.model}' returns {', '.join(entry.results)}, not masks.",
+                         hint="Write its result with -o NAME.json.")
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     started = time.perf_counter()
     volume = read_volume(args.input, series_uid=args.series_uid)
     log(f"read {volume}")
     bar = _ProgressBar(enabled=not args.quiet)
     run_options = dict(device=args.device, threshold=args.threshold, keep_largest=args.largest,
-                       fill_holes=args.fill_holes, weights=args.weights, options=model_options(args))
+                       fill_holes=args.fill_holes, weights=args.weights, options=options, region=region)
     try:
         if args.in_process:
+            from .engine import segment
+
             result = segment(volume, args.model, prompts, progress=bar, **run_options)
         else:
             from .worker.client import WorkerClient
@@ -138,13 +180,18 @@ def cmd_segment(args) -> int:
         bar.close()
     log(f"{args.model} ran on {result.device_reason} in {result.seconds:.1f} s")
     for name in result.absent:
-        log(f"not found: '{name}' (no voxel above threshold {args.threshold}); no segment written for it")
-    if not result.segments:
+        log(f"not found: '{name}' ({result.absent_reasons.get(name, 'no voxel above the threshold')}); "
+            "no segment written for it")
+    _report_extras(result, log)
+    if suffix_of(output) == ".json":
+        written = [write_result_json(output, result)]
+    elif not result.segments:
         print(f"error: nothing was found for {', '.join(map(repr, result.absent))}; no file written.",
               file=sys.stderr)
         return 1
-    written = write_segmentation(output, volume, result.segments)
-    if args.preview:
+    else:
+        written = write_segmentation(output, volume, result.segments)
+    if args.preview and result.segments:
         from .preview import render_preview
 
         written.append(render_preview(args.preview, volume, result.segments,
@@ -182,7 +229,7 @@ def doctor_report() -> dict:
              "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
         report["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-        from .inference.device import resolve_device
+        from .runtime.device import resolve_device
 
         report["default_device"] = "{} - {}".format(*resolve_device("auto"))
     except ImportError:
@@ -250,8 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment an image file or DICOM folder")
     p.add_argument("input", help="NIfTI, NRRD, MHA, DICOM file or folder, PNG/JPEG/TIFF")
     p.add_argument("--model", default="deepbet", help="model id from `biomedseg models` (default: deepbet)")
-    p.add_argument("--prompt", action="append", help="target to segment; repeat for several")
-    p.add_argument("-o", "--output", required=True, help="output: .seg.nrrd, .nii.gz, .nrrd labelmap or .dcm (DICOM SEG)")
+    p.add_argument("--prompt", action="append", help="target to segment; repeat for several, or separate by commas")
+    p.add_argument("--box", action="append", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                   help="box prompt: two RAS corners in mm, drawn on --plane (or 3D with --box-3d); repeatable")
+    p.add_argument("--box-3d", action="store_true", help="--box prompts are 3D boxes, not boxes on one slice")
+    p.add_argument("--point", action="append", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="point prompt on the object (RAS mm); repeatable")
+    p.add_argument("--exclude-point", action="append", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="point prompt on the background (RAS mm); repeatable")
+    p.add_argument("--target", help="name of the object the box and point prompts describe (default: object)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output: .seg.nrrd, .nii.gz, .nrrd labelmap, .dcm (DICOM SEG), or .json (labels, findings, "
+                        "segment summary; for models that return no masks)")
     p.add_argument("--preview", help="also write a PNG with outlines on three orthogonal slices")
     p.add_argument("--series-uid", help="DICOM series to read when a folder holds several")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -265,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "tags and intensities when not given")
     p.add_argument("--site", help="anatomic site (e.g. abdomen, head), for models with site-specific preprocessing")
     p.add_argument("--plane", choices=["axial", "coronal", "sagittal"],
-                   help="slice plane for 2D (slice-wise) models (default axial)")
+                   help="slice plane: 2D (slice-wise) models cut along it, --slice-range and box prompts count "
+                        "along it (default axial)")
     p.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"),
-                   help="only slices FIRST..LAST (array indices along the slicing axis) for 2D models")
+                   help="only slices FIRST..LAST (array indices along the --plane axis), for any model")
     p.add_argument("--batch-size", type=int, help="slices or windows per model call (default: chosen from free memory)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="any other backend option (value parsed as JSON when possible); repeatable")

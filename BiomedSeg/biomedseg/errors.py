@@ -45,6 +45,12 @@ class WorkerCrashedError(BiomedSegError):
     kind = "worker_crashed"
 
 
+class WorkerMismatchError(BiomedSegError):
+    """The worker runs another version of the engine than its client (a stale environment or checkout)."""
+
+    kind = "worker_mismatch"
+
+
 class DependencyMissingError(BiomedSegError):
     """A Python package a model needs is not installed in the worker's environment."""
 
@@ -53,7 +59,7 @@ class DependencyMissingError(BiomedSegError):
 
 ERROR_KINDS = {cls.kind: cls for cls in (
     BiomedSegError, InputError, WeightsMissingError, OutOfMemoryError,
-    CancelledError, WorkerCrashedError, DependencyMissingError)}
+    CancelledError, WorkerCrashedError, WorkerMismatchError, DependencyMissingError)}
 
 
 def error_from_dict(data: dict) -> BiomedSegError:

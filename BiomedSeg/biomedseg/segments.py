@@ -33,19 +33,6 @@ class Segment:
     extra: dict = field(default_factory=dict)
 
 
-@dataclass
-class SegmentationResult:
-    """What a model run gives back: segments found, targets not found, and how it ran."""
-
-    segments: list[Segment]
-    absent: list[str]
-    model_id: str
-    device: str
-    device_reason: str
-    seconds: float
-    probabilities: dict[str, np.ndarray] = field(default_factory=dict)
-
-
 @lru_cache(maxsize=1)
 def _terminology_table() -> dict:
     text = resources.files("biomedseg.resources").joinpath("terminology.json").read_text()

@@ -18,7 +18,7 @@ from .. import __version__
 from ..errors import DependencyMissingError, InputError
 from ..segments import Segment
 from ..volume import Volume
-from .writers import _atomic_target
+from .atomic import partial_path
 
 #: Options ``write_dicom_seg`` understands (anything else is refused, so typos surface).
 OPTIONS = ("series_description", "series_number", "content_label", "content_description",
@@ -91,7 +91,7 @@ def write_dicom_seg(path: str | os.PathLike, reference: Volume, segments: list[S
         raise InputError(f"'{path}': the DICOM SEG cannot be built: {exc}") from None
     if "ContentCreatorName" not in dataset:  # type 2: present even when unknown
         dataset.ContentCreatorName = None
-    tmp = _atomic_target(path)
+    tmp = partial_path(path)
     try:
         dataset.save_as(tmp, enforce_file_format=True)
         os.replace(tmp, path)

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import InputError
 from ..segments import Segment, prepare_segments
 from ..volume import Volume, nrrd_header, to_nibabel, to_sitk
+from .atomic import partial_path
 from .readers import suffix_of
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,6 @@ def write_segmentation(path: str | os.PathLike, reference: Volume,
         from .dicom_seg import write_dicom_seg
         return [write_dicom_seg(path, reference, prepared, **options)]
     return write_labelmap(path, reference, prepared)
-
-
-def _atomic_target(path: Path) -> Path:
-    """Temporary sibling written first and renamed, so a failure never leaves half a file."""
-    return path.with_name(f".{path.name}.partial")
 
 
 def reference_geometry_string(reference: Volume) -> str:
@@ -85,7 +81,7 @@ def write_seg_nrrd(path: Path, reference: Volume, segments: list[Segment]) -> Pa
         "name": "Reference image geometry", "value": reference_geometry_string(reference),
         "description": "Image geometry description string determining the geometry of the labelmap "
                        "that is created in course of conversion."}]
-    tmp = _atomic_target(path)
+    tmp = partial_path(path)
     try:
         slicerio.write_segmentation(str(tmp), segmentation)
         os.replace(tmp, path)
@@ -168,7 +164,7 @@ def write_volume(path: str | os.PathLike, volume: Volume) -> Path:
     path = Path(path)
     suffix = suffix_of(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(path)
+    tmp = partial_path(path)
     try:
         if suffix in (".nii", ".nii.gz"):
             import nibabel as nib
@@ -192,4 +188,18 @@ def write_volume(path: str | os.PathLike, volume: Volume) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
         tmp.with_name(tmp.name + suffix).unlink(missing_ok=True)
+    return path
+
+
+def write_result_json(path: str | os.PathLike, result) -> Path:
+    """A run's result without voxels (segments with voxel counts, absent targets with reasons,
+    labels, findings, what the engine and the model decided) as JSON, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    try:
+        tmp.write_text(json.dumps(result.summary_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

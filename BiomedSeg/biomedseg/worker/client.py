@@ -5,7 +5,10 @@ queue / a log buffer; everything else -- callbacks included -- happens in ``poll
 on the caller's thread (the Slicer panel calls it from a QTimer, so no thread touches
 Qt). ``run()`` is the blocking convenience for the CLI.
 
-Failure handling: a worker that exits mid-job fails the job with its exit code and last
+Handshake: nothing is sent to a new worker before its ``ready`` line says it runs this
+engine's version and protocol; a stale worker (an older environment, another checkout) is
+stopped and every waiting job fails with a ``WorkerMismatchError`` that says which side to
+update. Failure handling: a worker that exits mid-job fails the job with its exit code and last
 log lines, and the next request starts a fresh one; a worker silent for longer than
 ``stall_timeout`` (or not stopping within ``cancel_grace`` of a cancel) is killed with its
 children. Shared-memory blocks belong to the client: reused from job to job (fresh pages
@@ -28,8 +31,12 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import BiomedSegError, CancelledError, WorkerCrashedError, error_from_dict
-from ..segments import Segment, SegmentationResult
+from .. import __version__
+from ..errors import BiomedSegError, CancelledError, InputError, WorkerCrashedError, WorkerMismatchError, error_from_dict
+from ..geometry import Region
+from ..prompts import MaskPrompt, prompt_to_dict, targets_of
+from ..results import Finding, Label, SegmentationResult
+from ..segments import Segment
 from ..volume import Volume
 from . import protocol
 
@@ -40,8 +47,10 @@ ENGINE_ROOT = Path(__file__).resolve().parents[2]  # folder that holds the biome
 class Job:
     id: int
     model: str
-    prompts: list[str]
-    volume: Volume
+    prompts: list
+    volume: Volume | None
+    #: result names in order (text prompts are their own targets)
+    targets: list[str] = field(default_factory=list)
     state: str = "queued"  # queued, running, done, failed, cancelled
     stage: str = ""
     done: int = 0
@@ -82,6 +91,11 @@ class WorkerClient:
         self._last_message_at = 0.0
         self._write_lock = threading.Lock()
         self.pool = protocol.BlockPool()
+        #: messages held until the worker's ready line passed the handshake
+        self._pending: list[dict] = []
+        self.mismatch: WorkerMismatchError | None = None
+        #: open interactive sessions: id -> image shape (the worker keeps the image)
+        self.sessions: dict[str, tuple] = {}
         atexit.register(self.close)
 
     # ---- process lifecycle ----------------------------------------------------------------
@@ -94,6 +108,8 @@ class WorkerClient:
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._events = queue.Queue()
         self.ready = False
+        self._pending = []
+        self.sessions = {}
         try:
             self.proc = subprocess.Popen([self.python, "-m", "biomedseg.worker"], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -157,12 +173,14 @@ class WorkerClient:
                     pass
             self.proc = None
             self.ready = False
+            self._pending = []
+            self.sessions = {}  # the worker's images and embeddings are gone with it
 
     def close(self) -> None:
         """Stop the worker (politely, then by force) and release every block."""
         if self.proc is not None:
             try:
-                self._send({"op": "shutdown"})
+                self._send({"op": "shutdown"}, now=True)
                 self.proc.wait(timeout=3)
             except Exception:
                 pass
@@ -173,44 +191,81 @@ class WorkerClient:
         self.pool.close()
 
     # ---- sending ------------------------------------------------------------------------
-    def _send(self, message: dict) -> None:
+    def _send(self, message: dict, now: bool = False) -> None:
+        """Write one line; held back until the handshake passed unless ``now``."""
         data = protocol.encode(message)
+        if not (self.ready or now):
+            self._pending.append(message)
+            return
         with self._write_lock:
             self.proc.stdin.write(data)
             self.proc.stdin.flush()
 
-    def submit(self, volume: Volume, model: str, prompts: list[str], *, device: str = "auto",
+    def _on_ready(self, msg: dict) -> None:
+        problem = protocol.check_handshake(msg, __version__, str(ENGINE_ROOT), self.python)
+        if problem is not None:
+            self.mismatch = WorkerMismatchError(problem, hint="Nothing was sent to that worker; it was stopped.")
+            self.log.append(f"[client] {problem}")
+            self._kill()
+            for job in list(self._jobs.values()):
+                self._finish(job, error=self.mismatch)
+            self._pending = []
+            return
+        self.mismatch = None
+        self.ready = True
+        pending, self._pending = self._pending, []
+        for message in pending:
+            self._send(message)
+
+    def submit(self, volume: Volume | None, model: str, prompts, *, device: str = "auto",
                threshold: float | None = None, keep_largest: bool | None = None, fill_holes: bool | None = None,
                weights: str | None = None, options: dict | None = None, probabilities: bool = False,
+               region: Region | None = None, session: str | None = None,
                on_progress: Callable | None = None, on_done: Callable | None = None) -> Job:
-        """Queue a job; returns at once. Volume data is copied once into shared memory."""
+        """Queue a job; returns at once. Volume data (and mask prompts) are copied once into shared memory.
+
+        ``prompts``: text, or typed prompts (``biomedseg.prompts``). ``session``: with a volume it
+        opens an interactive session in the worker; without one it re-runs on the session's image.
+        """
         from ..catalog import check_prompts
 
         prompts = check_prompts(model, prompts)
+        if volume is None and session not in self.sessions:
+            raise InputError("No image was given." if session is None else
+                             f"Session '{session}' is not open here.", hint="Send the image to open it.")
+        shape = tuple(volume.shape) if volume is not None else self.sessions[session]
+        if self.mismatch is not None and not self.alive:
+            self.mismatch = None  # the user may have fixed the environment: try a fresh worker
         self.start()
-        job = Job(next(self._ids), model, prompts, volume, on_progress=on_progress, on_done=on_done)
+        targets = targets_of(prompts)
+        job = Job(next(self._ids), model, prompts, volume, targets, on_progress=on_progress, on_done=on_done)
         try:
-            array = np.ascontiguousarray(volume.array)
-            in_block = self.pool.acquire(array.nbytes)
-            job.blocks.append(in_block)
-            np.ndarray(array.shape, array.dtype, buffer=in_block.buf)[...] = array
-            out_shape = (len(prompts),) + volume.shape
-            out_block = self.pool.acquire(int(np.prod(out_shape)))
-            job.blocks.append(out_block)
-            message = {"op": "segment", "id": job.id, "model": model, "prompts": prompts,
-                       "name": volume.name, "channels_last": volume.channels_last,
-                       "input": protocol.array_spec(in_block, array.shape, array.dtype),
-                       "ijk_to_ras": volume.ijk_to_ras.ravel().tolist(),
-                       "output": protocol.array_spec(out_block, out_shape, np.uint8),
+            message = {"op": "segment", "id": job.id, "model": model, "prompts": [],
                        "device": device, "threshold": threshold, "keep_largest": keep_largest,
                        "fill_holes": fill_holes, "weights": weights, "options": options or {},
-                       "meta": {k: v for k, v in volume.meta.items() if isinstance(v, (str, int, float))}}
+                       "region": (region or Region()).to_dict(), "session": session}
+            for p in prompts:
+                entry = prompt_to_dict(p)
+                if isinstance(p, MaskPrompt):
+                    entry["mask"] = self._share(job, p.mask.astype(np.uint8))
+                message["prompts"].append(entry)
+            if volume is not None:
+                message.update({"name": volume.name, "channels_last": volume.channels_last,
+                                "input": self._share(job, volume.array),
+                                "ijk_to_ras": volume.ijk_to_ras.ravel().tolist(),
+                                "meta": {k: v for k, v in volume.meta.items() if isinstance(v, (str, int, float))}})
+            out_shape = (len(targets),) + shape
+            out_block = self.pool.acquire(int(np.prod(out_shape)))
+            job.blocks.append(out_block)
+            message["output"] = protocol.array_spec(out_block, out_shape, np.uint8)
             job.outputs["output"] = (out_block, out_shape, np.uint8)
             if probabilities:
                 prob_block = self.pool.acquire(int(np.prod(out_shape)) * 4)
                 job.blocks.append(prob_block)
                 message["probabilities"] = protocol.array_spec(prob_block, out_shape, np.float32)
                 job.outputs["probabilities"] = (prob_block, out_shape, np.float32)
+            if session is not None:
+                self.sessions[session] = shape
             self._jobs[job.id] = job
             self._send(message)
         except BaseException:
@@ -219,11 +274,31 @@ class WorkerClient:
             raise
         return job
 
+    def _share(self, job: Job, array: np.ndarray) -> dict:
+        """Copy ``array`` into a pooled block owned by ``job``; its description for the message."""
+        array = np.ascontiguousarray(array)
+        block = self.pool.acquire(array.nbytes)
+        job.blocks.append(block)
+        np.ndarray(array.shape, array.dtype, buffer=block.buf)[...] = array
+        return protocol.array_spec(block, array.shape, array.dtype)
+
+    def close_session(self, session: str) -> bool:
+        """Drop an interactive session in the worker (its image and embedding)."""
+        known = self.sessions.pop(session, None) is not None
+        if self.alive:
+            return bool(self.request("close_session", session=session).get("found"))
+        return known
+
     def cancel(self, job: Job) -> None:
         """Ask the worker to stop the job; if it has not stopped within ``cancel_grace``, kill it."""
         if job.finished or job.cancel_requested_at is not None:
             return
         job.cancel_requested_at = time.monotonic()
+        held = [m for m in self._pending if m.get("id") == job.id]
+        if held:  # never sent: the worker is still starting
+            self._pending = [m for m in self._pending if m.get("id") != job.id]
+            self._finish(job, error=CancelledError("Segmentation was cancelled; nothing was written."))
+            return
         if self.alive:
             try:
                 self._send({"op": "cancel", "target": job.id})
@@ -258,7 +333,7 @@ class WorkerClient:
     def _handle(self, msg: dict) -> None:
         event = msg.get("event")
         if event == "ready":
-            self.ready = True
+            self._on_ready(msg)
             return
         job = self._jobs.get(msg.get("id"))
         if event == "cancel_ack":
@@ -292,10 +367,14 @@ class WorkerClient:
         if "probabilities" in job.outputs:
             pblock, pshape, pdtype = job.outputs["probabilities"]
             arr = np.ndarray(pshape, pdtype, buffer=pblock.buf)
-            probs = {p: arr[i].copy() for i, p in enumerate(job.prompts)}
+            probs = {t: arr[i].copy() for i, t in enumerate(job.targets)}
         del masks
         return SegmentationResult(segments, list(msg.get("absent", [])), job.model, msg.get("device", ""),
-                                  msg.get("device_reason", ""), float(msg.get("seconds", 0.0)), probs)
+                                  msg.get("device_reason", ""), float(msg.get("seconds", 0.0)), probs,
+                                  dict(msg.get("absent_reasons") or {}),
+                                  [Label.from_dict(x) for x in msg.get("labels") or []],
+                                  [Finding.from_dict(x) for x in msg.get("findings") or []],
+                                  dict(msg.get("report") or {}))
 
     def _recycle(self, blocks: list) -> None:
         """Blocks the worker is done with go back to the pool; trimmed ones are forgotten there too."""
@@ -419,6 +498,11 @@ class WorkerClient:
                 continue
             if kind == "message" and payload.get("id") == rid:
                 return payload
+            if kind == "message" and payload.get("event") == "ready":
+                self._handle(payload)
+                if self.mismatch is not None:
+                    raise self.mismatch
+                continue
             if kind == "eof":
                 self._worker_died()
                 raise WorkerCrashedError(f"The worker exited while answering '{op}'.")

@@ -17,6 +17,10 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from ..results import jsonable  # noqa: F401  (re-exported: what crosses the pipe)
+
+#: Bumped whenever a message changes meaning; client and worker must agree (``check_handshake``).
+PROTOCOL_VERSION = 2
 #: A control line larger than this is refused (voxels never travel as JSON).
 MAX_MESSAGE_BYTES = 1 << 20
 #: Shared-memory names: prefix + owner pid, so leftovers of a dead owner can be swept.
@@ -48,6 +52,32 @@ def decode(line: bytes | str) -> dict:
     if not isinstance(message, dict):
         raise ProtocolError("message must be a JSON object")
     return message
+
+
+# ---- handshake -------------------------------------------------------------------------
+
+def _version_tuple(text) -> tuple:
+    return tuple(int(part) if part.isdigit() else 0 for part in re.split(r"[.+-]", str(text or "0")))
+
+
+def check_handshake(ready: dict, version: str, engine_root: str, python: str) -> str | None:
+    """None when the worker that sent ``ready`` speaks this client's protocol and version, else a
+    sentence that says which side is out of date and what to do."""
+    theirs = ready.get("protocol")
+    their_version = ready.get("version", "unknown")
+    if theirs == PROTOCOL_VERSION and their_version == version:
+        return None
+    where = ready.get("engine_root") or "an unknown location"
+    side = "worker" if _version_tuple(their_version) < _version_tuple(version) else "client"
+    what = (f"The worker Python '{python}' runs BiomedSeg {their_version} (protocol {theirs or 1}) from {where}, "
+            f"but this side is BiomedSeg {version} (protocol {PROTOCOL_VERSION}) from {engine_root}.")
+    if side == "worker":
+        todo = ("The worker is out of date: update BiomedSeg in that Python environment (or remove the old copy "
+                "that shadows this one), or choose another worker Python.")
+    else:
+        todo = ("This side is older than the worker: update the BiomedSeg extension or checkout here (and restart "
+                "Slicer), or choose a worker Python with this version.")
+    return what + " " + todo
 
 
 # ---- shared memory ---------------------------------------------------------------------

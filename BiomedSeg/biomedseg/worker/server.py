@@ -5,6 +5,12 @@ lines on stdin and answers on the original stdout; anything a library prints goe
 stderr instead, so it cannot corrupt the protocol. A reader thread answers ``ping`` and
 ``cancel`` at once even while a job runs; jobs queue and run in order on the main
 thread. When stdin closes (the client went away) the worker exits.
+
+Its first line, ``ready``, carries the engine's version, the protocol version and where the
+engine was imported from, so the client can refuse a stale worker with a clear message.
+Segment requests carry typed prompts (``prompts.prompt_to_dict``; mask prompts' voxels in
+their own shared-memory block), the region and an optional interactive session id; the
+engine (``biomedseg.engine``) does the rest, including the one out-of-memory policy.
 """
 from __future__ import annotations
 
@@ -16,8 +22,10 @@ import threading
 import time
 import traceback
 
+from pathlib import Path
+
 from .. import __version__
-from ..errors import BiomedSegError, CancelledError, InputError, OutOfMemoryError
+from ..errors import BiomedSegError, CancelledError, InputError
 from . import protocol
 
 log = logging.getLogger("biomedseg.worker")
@@ -87,7 +95,7 @@ class WorkerServer:
                 flag.set()
             self.send({"id": job_id, "event": "cancel_ack", "target": message.get("target"),
                        "found": flag is not None})
-        elif op in ("segment", "unload", "status", "shutdown", "echo", "echo_file", "forget"):
+        elif op in ("segment", "unload", "status", "shutdown", "echo", "echo_file", "forget", "close_session"):
             if op == "segment":
                 if not isinstance(job_id, (int, str)):
                     raise protocol.ProtocolError("a segment request needs an 'id'")
@@ -100,7 +108,8 @@ class WorkerServer:
 
     # ---- running (main thread) ----------------------------------------------------------
     def serve(self) -> None:
-        self.send({"event": "ready", "pid": os.getpid(), "python": sys.executable, "version": __version__})
+        self.send({"event": "ready", "pid": os.getpid(), "python": sys.executable, "version": __version__,
+                   "protocol": protocol.PROTOCOL_VERSION, "engine_root": str(Path(__file__).resolve().parents[2])})
         threading.Thread(target=self.reader, name="biomedseg-reader", daemon=True).start()
         while True:
             message = self.jobs.get()
@@ -111,18 +120,25 @@ class WorkerServer:
                 if op == "segment":
                     self.run_segment(message)
                 elif op == "unload":
-                    from ..inference.runner import unload_all
+                    from ..engine import SESSIONS, unload_all
 
+                    SESSIONS.close_all()
                     unload_all()
                     self.send({"id": message.get("id"), "event": "unloaded"})
+                elif op == "close_session":
+                    from ..engine import SESSIONS
+
+                    closed = SESSIONS.close(str(message.get("session")))
+                    self.send({"id": message.get("id"), "event": "session_closed", "found": closed})
                 elif op == "forget":  # the client unlinked these blocks
                     self.attached.forget([n for n in message.get("blocks", []) if isinstance(n, str)])
                 elif op in ("echo", "echo_file"):
                     self.run_echo(message)
                 elif op == "status":
-                    from ..inference.runner import warm_models
+                    from ..engine import SESSIONS, warm_models
 
-                    self.send({"id": message.get("id"), "event": "status", "warm": warm_models()})
+                    self.send({"id": message.get("id"), "event": "status", "warm": warm_models(),
+                               "sessions": SESSIONS.describe()})
             finally:
                 with self.flags_lock:
                     self.cancel_flags.pop(message.get("id"), None)
@@ -132,7 +148,7 @@ class WorkerServer:
         flag = self.cancel_flags.get(job_id) or threading.Event()
         started = time.monotonic()
         try:
-            volume, outputs = self._open_job(message)
+            volume, prompts, targets, outputs = self._open_job(message)
             last = [0.0]
 
             def progress(stage, done, total):
@@ -145,15 +161,19 @@ class WorkerServer:
                 self.send({"id": job_id, "event": "progress", "stage": stage, "done": done, "total": total,
                            "elapsed": round(elapsed, 3), "eta": None if eta is None else round(eta, 3)})
 
-            result = self._segment_with_oom_retry(message, volume, progress, flag.is_set)
+            result = self._segment(message, volume, prompts, progress, flag.is_set)
             if flag.is_set():
                 raise CancelledError("Segmentation was cancelled; nothing was written.")
-            self._write_outputs(message, result, outputs)
-            self.send({"id": job_id, "event": "result", "segments": [
-                {"name": s.name, "index": message["prompts"].index(s.name), "color": list(s.color),
-                 "terminology": s.terminology, "label": s.label} for s in result.segments],
-                "absent": result.absent, "device": result.device, "device_reason": result.device_reason,
-                "seconds": round(time.monotonic() - started, 3)})
+            self._write_outputs(result, targets, outputs)
+            self.send(protocol.jsonable({
+                "id": job_id, "event": "result", "targets": targets,
+                "segments": [{"name": s.name, "index": targets.index(s.name), "color": list(s.color),
+                              "terminology": s.terminology, "label": s.label} for s in result.segments],
+                "absent": result.absent, "absent_reasons": result.absent_reasons,
+                "labels": [label.to_dict() for label in result.labels],
+                "findings": [finding.to_dict() for finding in result.findings], "report": result.report,
+                "device": result.device, "device_reason": result.device_reason,
+                "seconds": round(time.monotonic() - started, 3)}))
         except BiomedSegError as err:
             self.send_error(job_id, err)
         except protocol.ProtocolError as exc:
@@ -163,7 +183,7 @@ class WorkerServer:
             self.send_error(job_id, BiomedSegError(f"Internal error in the worker: {type(exc).__name__}: {exc}",
                                                    hint="See the worker log; please report it."))
         finally:
-            outputs = volume = None
+            outputs = volume = prompts = None
 
     def run_echo(self, message: dict) -> None:
         """Transport check: labelmap = input > threshold, through shared memory or files.
@@ -197,89 +217,96 @@ class WorkerServer:
             self.send_error(job_id, InputError(f"Rejected echo request: {exc}."))
 
     def _open_job(self, message):
+        """The request's volume (None for a session re-run), typed prompts, targets and output views."""
         import numpy as np
 
+        from ..catalog import check_prompts
+        from ..prompts import prompt_from_dict, targets_of
         from ..volume import Volume
 
-        for key in ("model", "prompts", "input", "ijk_to_ras", "output"):
+        for key in ("model", "prompts", "output"):
             if key not in message:
                 raise protocol.ProtocolError(f"segment request lacks '{key}'")
-        prompts = message["prompts"]
-        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise protocol.ProtocolError("'prompts' must be a list of strings")
-        from ..catalog import check_prompts
-
-        prompts = message["prompts"] = check_prompts(str(message["model"]), prompts)
+        raw = message["prompts"]
+        if not isinstance(raw, list):
+            raise protocol.ProtocolError("'prompts' must be a list")
+        session = message.get("session")
+        if session is not None and not isinstance(session, str):
+            raise protocol.ProtocolError("'session' must be a string")
         try:
-            array = protocol.view(self.attached.get(message["input"]["shm"]), message["input"])
-            volume = Volume(array, np.asarray(message["ijk_to_ras"], dtype=np.float64).reshape(4, 4),
-                            name=str(message.get("name", "")), meta=dict(message.get("meta") or {}),
-                            channels_last=bool(message.get("channels_last", False)))
-            outputs = {}
-            for key in ("output", "probabilities"):
-                spec = message.get(key)
-                if spec is None:
+            volume = None
+            if message.get("input") is not None:
+                array = protocol.view(self.attached.get(message["input"]["shm"]), message["input"])
+                if session is not None:  # a session outlives this job's blocks, which the client reuses
+                    array = array.copy()
+                volume = Volume(array, np.asarray(message.get("ijk_to_ras"), dtype=np.float64).reshape(4, 4),
+                                name=str(message.get("name", "")), meta=dict(message.get("meta") or {}),
+                                channels_last=bool(message.get("channels_last", False)))
+            elif session is None:
+                raise protocol.ProtocolError("segment request lacks 'input' (and names no session)")
+            prompts = []
+            for item in raw:
+                if isinstance(item, str):
+                    prompts.append(item)
                     continue
-                dtype, shape = protocol.check_spec(spec)
-                if shape != (len(prompts),) + volume.shape:
-                    raise protocol.ProtocolError(f"'{key}' must have shape {[len(prompts), *volume.shape]}, got {list(shape)}")
-                outputs[key] = protocol.view(self.attached.get(spec["shm"]), spec)
-            return volume, outputs
+                mask = None
+                if isinstance(item, dict) and item.get("type") == "mask":
+                    mask = protocol.view(self.attached.get(item["mask"]["shm"]), item["mask"]).astype(bool)
+                prompts.append(prompt_from_dict(item, mask))
         except FileNotFoundError as exc:
             raise protocol.ProtocolError(f"shared-memory block not found ({exc})") from None
+        except (BiomedSegError, protocol.ProtocolError):
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise protocol.ProtocolError(f"malformed segment request ({exc})") from None
+        prompts = check_prompts(str(message["model"]), prompts)
+        targets = targets_of(prompts)
+        if volume is not None:
+            shape = tuple(volume.shape)
+        else:
+            from ..engine import SESSIONS
 
-    def _segment_with_oom_retry(self, message, volume, progress, cancelled):
-        from ..inference.runner import segment
-
-        options = dict(message.get("options") or {})
-        kwargs = {k: message[k] for k in ("device", "threshold", "keep_largest", "fill_holes", "weights")
-                  if message.get(k) is not None}
-        want_probs = message.get("probabilities") is not None
-        for attempt in (1, 2):
+            kept = SESSIONS.sessions.get(session)
+            shape = tuple(kept.volume.shape) if kept is not None else None  # None: the engine says it is gone
+        outputs = {}
+        for key in ("output", "probabilities"):
+            spec = message.get(key)
+            if spec is None:
+                continue
+            dtype, out_shape = protocol.check_spec(spec)
+            if out_shape[:1] != (len(targets),) or (shape is not None and out_shape[1:] != shape):
+                want = [len(targets), *(shape or ("...",))]
+                raise protocol.ProtocolError(f"'{key}' must have shape {want}, got {list(out_shape)}")
             try:
-                return segment(volume, message["model"], message["prompts"], progress=progress, cancelled=cancelled,
-                               keep_probabilities=want_probs, options=options, **kwargs)
-            except Exception as exc:  # torch's OOM types differ by device; match them by name/text
-                if not _is_oom(exc):
-                    raise
-                _free_device_memory()
-                batch = int(options.get("batch_size", 1))
-                if attempt == 1 and batch > 1:
-                    options["batch_size"] = batch // 2
-                    progress(f"out of memory: retrying with batch size {batch // 2}", 0, 1)
-                    continue
-                raise OutOfMemoryError(
-                    f"The model ran out of memory on {kwargs.get('device', 'auto')} "
-                    f"(batch size {batch}{', after halving it' if attempt == 2 else ''}).",
-                    hint="Close other GPU programs, choose a smaller slice range or ROI, or use --device cpu.") from None
+                outputs[key] = protocol.view(self.attached.get(spec["shm"]), spec)
+            except FileNotFoundError as exc:
+                raise protocol.ProtocolError(f"shared-memory block not found ({exc})") from None
+        return volume, prompts, targets, outputs
 
     @staticmethod
-    def _write_outputs(message, result, outputs):
+    def _segment(message, volume, prompts, progress, cancelled):
+        from ..engine import segment
+        from ..geometry import Region
+
+        kwargs = {k: message[k] for k in ("device", "threshold", "keep_largest", "fill_holes", "weights")
+                  if message.get(k) is not None}
+        return segment(volume, message["model"], prompts, progress=progress, cancelled=cancelled,
+                       keep_probabilities=message.get("probabilities") is not None,
+                       options=dict(message.get("options") or {}), region=Region.from_dict(message.get("region")),
+                       session=message.get("session"), **kwargs)
+
+    @staticmethod
+    def _write_outputs(result, targets, outputs):
         masks = outputs.get("output")
         if masks is not None:
             masks[...] = 0
             for seg in result.segments:
-                masks[message["prompts"].index(seg.name)] = seg.mask
+                masks[targets.index(seg.name)] = seg.mask
         probs = outputs.get("probabilities")
         if probs is not None:
-            for i, prompt in enumerate(message["prompts"]):
-                if prompt in result.probabilities:
-                    probs[i] = result.probabilities[prompt]
-
-
-def _is_oom(exc: Exception) -> bool:
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
-def _free_device_memory() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+            for i, target in enumerate(targets):
+                if target in result.probabilities:
+                    probs[i] = result.probabilities[target]
 
 
 def main(argv=None) -> int:

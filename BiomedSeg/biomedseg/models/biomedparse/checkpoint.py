@@ -1,4 +1,4 @@
-"""Reading ``biomedparse_v1.pt`` into the re-implementation's exact parameter names.
+"""Reading ``biomedparse_v1.pt`` into the re-implementation's exact parameter names, and building the model.
 
 The released file is a flat state dict of the authors' ``GeneralizedSEEM`` (no prefix; some
 exports add ``model.``). It also stores tensors this engine never uses; they are removed by
@@ -7,6 +7,7 @@ name from the explicit lists below and reported, never dropped silently:
 * ``dilation_kernel`` (training), and the spatial/visual prompt tensors of the decoder.
 Everything else must match the model's names and shapes one to one, or a
 ``CheckpointMismatchError`` lists what is missing, unexpected or mis-shaped.
+This module depends on ``model`` (for the names and shapes to expect), never the reverse.
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from ...errors import InputError
+import torch
+
+from biomedseg.errors import InputError
+from .model import BiomedParseV1
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +96,6 @@ def check_against(state: dict, expected: dict) -> None:
 
 def expected_shapes() -> dict:
     """{name: shape} of every tensor of ``BiomedParseV1`` (built on the meta device, no memory)."""
-    import torch
-
-    from .model import BiomedParseV1
-
     with torch.device("meta"):
         model = BiomedParseV1()
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -107,8 +107,6 @@ def load_state_dict_from_checkpoint(path: str | os.PathLike, map_location="cpu")
     Unused entries (``UNUSED_PREFIXES``/``UNUSED_KEYS``) are removed and logged; anything else
     that does not match raises ``CheckpointMismatchError``.
     """
-    import torch
-
     try:
         state = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -128,3 +126,21 @@ def load_state_dict_from_checkpoint(path: str | os.PathLike, map_location="cpu")
                  len(part.dropped), n_bert, ", ".join(k for k in part.dropped if k in UNUSED_KEYS))
     check_against(part.kept, expected_shapes())
     return part.kept
+
+
+def build_biomedparse_v1(state_dict: dict | None = None, checkpoint: str | os.PathLike | None = None,
+                         device="cpu", dtype=torch.float32) -> BiomedParseV1:
+    """Build in eval mode without random initialisation: parameters are created on the meta device
+    and taken from ``state_dict`` (or ``checkpoint``, read with ``load_state_dict_from_checkpoint``)."""
+    if state_dict is None:
+        if checkpoint is None:
+            raise ValueError("give state_dict or checkpoint")
+        state_dict = load_state_dict_from_checkpoint(checkpoint)
+    with torch.device("meta"):
+        model = BiomedParseV1()
+    check_against(state_dict, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    # Parameters keep requires_grad=True, as in the reference: ATen's matmul folds 3-D inputs differently
+    # when a weight requires grad, which changes float rounding. Run inference under torch.no_grad().
+    return model.eval()

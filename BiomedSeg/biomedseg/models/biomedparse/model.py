@@ -1,20 +1,18 @@
 """BiomedParse v1 assembled under the checkpoint's names (``backbone``, ``sem_seg_head.*``).
 
 ``BiomedParseV1.state_dict()`` has exactly the keys of the released ``biomedparse_v1.pt``
-minus the unused entries listed in ``checkpoint.py``, so the file loads with ``strict=True``.
+minus the unused entries listed in ``checkpoint.py``, so the file loads with ``strict=True``
+(``checkpoint.build_biomedparse_v1``; this module knows nothing of files).
 The model is split into the stages the engine caches separately: image features (once per
 slice), text features (once per prompt list), and the decoder (per prompt group).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .backbone import FocalNet
-from .checkpoint import load_state_dict_from_checkpoint  # noqa: F401  (public entry point)
 from .decoder import SEEMDecoder
 from .pixel_decoder import PixelDecoder
 
@@ -39,9 +37,10 @@ class BiomedParseV1(nn.Module):
 
     def set_exact_layout(self, exact: bool) -> "BiomedParseV1":
         """True (default): tensor layouts exactly as in the reference (bit-identical outputs on CPU while the
-        parameters require grad, as ``build_biomedparse_v1`` leaves them). False: contiguous sequence tensors;
-        choose it if the parameters are frozen (``requires_grad_(False)``), where the reference layout makes
-        torch project feature maps row by row. Either way the fixtures' tolerances hold (see the parity tests).
+        parameters require grad, as ``checkpoint.build_biomedparse_v1`` leaves them). False: contiguous sequence
+        tensors; choose it if the parameters are frozen (``requires_grad_(False)``), where the reference layout
+        makes torch project feature maps row by row. Either way the fixtures' tolerances hold (see the parity
+        tests).
         """
         self.sem_seg_head.predictor.exact_layout = bool(exact)
         self.sem_seg_head.pixel_decoder.transformer.exact_layout = bool(exact)
@@ -82,23 +81,3 @@ class BiomedParseV1(nn.Module):
         t = class_emb / (class_emb.norm(dim=-1, keepdim=True) + 1e-7)
         v = captions / (captions.norm(dim=-1, keepdim=True) + 1e-7)
         return self.lang_encoder.temperature() * torch.matmul(v, t.t())
-
-
-def build_biomedparse_v1(state_dict: dict | None = None, checkpoint: str | os.PathLike | None = None,
-                         device="cpu", dtype=torch.float32) -> BiomedParseV1:
-    """Build in eval mode without random initialisation: parameters are created on the meta device
-    and taken from ``state_dict`` (or ``checkpoint``, read with ``load_state_dict_from_checkpoint``)."""
-    if state_dict is None:
-        if checkpoint is None:
-            raise ValueError("give state_dict or checkpoint")
-        state_dict = load_state_dict_from_checkpoint(checkpoint)
-    with torch.device("meta"):
-        model = BiomedParseV1()
-    from .checkpoint import check_against
-
-    check_against(state_dict, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    # Parameters keep requires_grad=True, as in the reference: ATen's matmul folds 3-D inputs differently
-    # when a weight requires grad, which changes float rounding. Run inference under torch.no_grad().
-    return model.eval()

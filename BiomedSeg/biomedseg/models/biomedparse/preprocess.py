@@ -11,9 +11,12 @@ Reference steps for one 2-D slice of intensities:
 5. Three identical channels, ``astype(uint8)`` (truncation, not rounding).
 The model then normalises with ImageNet mean/std (``BiomedParseV1.normalize``).
 
-``resize="spline"`` reproduces step 4 exactly with ``scipy.ndimage.zoom`` (what scikit-image
-calls; no scikit-image needed). ``resize="torch"`` is a faster bicubic (a=-0.75) resize for GPU
-use; it is *not* the reference spline and may differ by a few grey levels.
+The engine runs these steps on the slices of a volume (a CT window or percentiles, grey or
+colour) in one of two ways, and ``process_intensity_image`` goes through the same two:
+``prepare_exact`` (one slice at a time; step 4 exactly, with ``scipy.ndimage.zoom`` as
+scikit-image calls it, no scikit-image needed; the CPU default) and ``prepare_torch`` (a batch
+on the device with the same anti-aliasing and a bicubic (a=-0.75) resize instead of the
+spline; much faster on a GPU, a few grey levels apart; the GPU default).
 ``restore_geometry`` maps model-grid probabilities back onto the original slice (the authors
 never un-pad; the engine must).
 """
@@ -89,35 +92,133 @@ def resize_spline(image: np.ndarray, size: int = MODEL_SIZE) -> np.ndarray:
     return np.clip(out, lo, hi, out=out)
 
 
-def resize_torch(image: np.ndarray, size: int = MODEL_SIZE, device="cpu") -> np.ndarray:
-    """Bicubic (a=-0.75) resize with torch, clipped to the input range. Fast on GPU; NOT the reference spline
-    (a few grey levels apart inside the image). Upsampling samples with zeros outside the image, like the
-    reference's constant mode; downsampling uses antialiased ``interpolate``."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)[None, None]
-    if size < max(image.shape):
-        y = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    else:
-        centres = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1
-        gy, gx = torch.meshgrid(centres, centres, indexing="ij")
-        grid = torch.stack((gx, gy), dim=-1)[None]
-        y = F.grid_sample(x, grid, mode="bicubic", padding_mode="zeros", align_corners=False)
-    return y.clamp(float(image.min()), float(image.max()))[0, 0].double().cpu().numpy()
-
-
 def process_intensity_image(image: np.ndarray, is_ct: bool, site: str | None = None,
                             resize: str = "spline") -> np.ndarray:
-    """One 2-D slice (HU for CT) -> uint8 RGB [1024, 1024, 3] model image."""
+    """One 2-D slice (HU for CT) -> uint8 RGB [1024, 1024, 3] model image, through the engine's own
+    ``prepare_exact`` (``resize="spline"``, the reference) or ``prepare_torch`` (``"torch"``, on the CPU)."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}")
     image = np.asarray(image, dtype=np.float64)
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D slice, got shape {image.shape}")
-    scaled = pad_to_square(scale_to_255(image, *intensity_bounds(image, is_ct, site)))
-    resized = resize_spline(scaled) if resize == "spline" else resize_torch(scaled)
-    return np.stack([resized] * 3, axis=-1).astype(np.uint8)
+    window = intensity_bounds(image, is_ct, site) if is_ct else None
+    if resize == "spline":
+        return prepare_exact(image, MODEL_SIZE, window=window)
+    return prepare_torch(image[None], MODEL_SIZE, window=window)[0].permute(1, 2, 0).numpy()
+
+
+def resize_to_model(image_rgb: np.ndarray, size: int = MODEL_SIZE) -> np.ndarray:
+    """Bicubic (PIL) resize of a uint8 RGB image to size x size, as the reference's torchvision ``Resize``
+    for images given directly as RGB; a no-op at that size."""
+    if image_rgb.shape[:2] == (size, size):
+        return image_rgb
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image_rgb).resize((size, size), Image.BICUBIC))
+
+
+# ---- the engine's slices: exact (one slice, numpy) and batched (torch, on the device) ---------------
+def prepare_exact(image: np.ndarray, size: int = MODEL_SIZE, window: tuple | None = None,
+                  rgb: bool = False) -> np.ndarray:
+    """One slice -> uint8 [S, S, 3] with the reference's numpy/scipy steps.
+
+    ``window``: the CT window (HU), or None for the 0.5 / 99.5 percentiles of the positive pixels.
+    Grey slices with one or two channels are averaged. ``rgb``: a colour slice (first three channels);
+    min-max scaled to 0..255 unless already 8-bit, then padded and spline-resized per channel."""
+    if rgb:
+        colour = np.asarray(image[..., :3])
+        if colour.dtype != np.uint8:
+            colour = scale_to_255(colour.astype(np.float64), float(colour.min()), float(colour.max()))
+        padded = pad_to_square(colour.astype(np.float64))
+        return np.stack([resize_spline(padded[..., c], size) for c in range(3)], axis=-1).astype(np.uint8)
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim == 3:
+        image = image.mean(axis=-1)
+    lo, hi = window if window is not None else intensity_bounds(image, is_ct=False)
+    resized = resize_spline(pad_to_square(scale_to_255(image, lo, hi)), size)
+    return np.repeat(resized[..., None], 3, axis=-1).astype(np.uint8)  # three channels, truncated
+
+
+def prepare_torch(slices: np.ndarray, size: int = MODEL_SIZE, window: tuple | None = None, rgb: bool = False,
+                  device="cpu"):
+    """A batch (B, rows, cols[, C]) -> uint8 [B, 3, S, S] on ``device``: ``prepare_exact``'s steps in torch, with
+    a bicubic resize (zeros outside the image) after the same Gaussian anti-aliasing instead of the spline.
+    Much faster on a GPU; a few grey levels from the exact path."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(np.ascontiguousarray(slices), device=device).float()
+    b = x.shape[0]
+    if rgb:
+        x = x[..., :3].permute(0, 3, 1, 2)
+        if slices.dtype != np.uint8:
+            x = _min_max_255(x, dims=(1, 2, 3))
+    else:
+        if x.dim() == 4:
+            x = x.mean(dim=-1)
+        if window is not None:
+            lo = torch.full((b, 1, 1), float(window[0]), device=x.device)
+            hi = torch.full((b, 1, 1), float(window[1]), device=x.device)
+        else:
+            bounds = [percentiles(s[s > 0]) for s in x]
+            lo = torch.stack([v[0] for v in bounds]).view(b, 1, 1)
+            hi = torch.stack([v[1] for v in bounds]).view(b, 1, 1)
+        x = _min_max_255(torch.maximum(torch.minimum(x, hi), lo), dims=(1, 2))[:, None]
+    (top, bottom), (left, right) = square_padding(tuple(x.shape[-2:]))
+    x = F.pad(x, (left, right, top, bottom))
+    top_value = x.amax(dim=(1, 2, 3), keepdim=True)
+    x = gaussian_prefilter(x, size)
+    # bicubic samples at the output pixel centres, zeros outside the image (the reference's constant mode)
+    centres = (torch.arange(size, device=x.device, dtype=torch.float32) + 0.5) / size * 2 - 1
+    gy, gx = torch.meshgrid(centres, centres, indexing="ij")
+    grid = torch.stack((gx, gy), dim=-1)[None].expand(x.shape[0], -1, -1, -1)
+    y = F.grid_sample(x, grid, mode="bicubic", padding_mode="zeros", align_corners=False)
+    y = torch.minimum(y.clamp_min(0.0), top_value).floor().to(torch.uint8)
+    return y.expand(-1, 3, -1, -1) if y.shape[1] == 1 else y
+
+
+def _min_max_255(x, dims):
+    """``scale_to_255`` after clipping, per image in torch: own min and max to 0..255, zeros when constant."""
+    import torch
+
+    lo = x.amin(dim=dims, keepdim=True)
+    span = x.amax(dim=dims, keepdim=True) - lo
+    return torch.where(span > 0, (x - lo) / span.clamp_min(1e-30) * 255.0, torch.zeros_like(x))
+
+
+def gaussian_prefilter(x, size: int):
+    """The reference's anti-aliasing before downsampling [B, C, H, W] to size x size: a Gaussian of sigma
+    (factor - 1) / 2 per axis, zeros outside the image, truncated at 4 sigma (as scipy); a no-op when upsampling."""
+    import torch
+    import torch.nn.functional as F
+
+    for axis in (2, 3):
+        sigma = max(0.0, (x.shape[axis] / size - 1) / 2)
+        if sigma <= 0:
+            continue
+        radius = int(4.0 * sigma + 0.5)
+        taps = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        kernel = kernel.view(1, 1, -1, 1) if axis == 2 else kernel.view(1, 1, 1, -1)
+        c = x.shape[1]
+        padding = (radius, 0) if axis == 2 else (0, radius)
+        x = F.conv2d(x, kernel.expand(c, 1, -1, -1).contiguous(), padding=padding, groups=c)
+    return x
+
+
+def percentiles(values):
+    """(0.5, 99.5) percentiles of a torch tensor with numpy's linear interpolation; zeros for an empty set."""
+    import torch
+
+    if values.numel() == 0:
+        return torch.zeros(2, device=values.device)
+    v = values.flatten().sort().values
+    pos = torch.tensor([0.005, 0.995], device=v.device, dtype=torch.float64) * (v.numel() - 1)
+    low = pos.floor().long()
+    high = torch.clamp(low + 1, max=v.numel() - 1)
+    frac = (pos - low).float()
+    return v[low] + (v[high] - v[low]) * frac
 
 
 def read_dicom_hu(path) -> np.ndarray:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 
-from ...errors import InputError
+from biomedseg.errors import InputError
 
 #: Lower-case names and DICOM Modality codes -> the catalogue's modality names.
 MODALITY_NAMES = {
@@ -64,7 +64,7 @@ def _key(value) -> str:
 @lru_cache(maxsize=1)
 def catalogue_table() -> dict:
     """{modality: {site: [target, ...]}} of the model card (the catalogue's targets file)."""
-    text = resources.files("biomedseg.resources").joinpath("biomedparse_v1_targets.json").read_text()
+    text = (Path(__file__).parent / "biomedparse_v1_targets.json").read_text()
     return json.loads(text)["targets"]
 
 

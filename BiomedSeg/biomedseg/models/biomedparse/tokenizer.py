@@ -10,7 +10,8 @@ The vocabulary can come from either source of the same data:
 * ``bpe_simple_vocab_16e6.txt.gz`` (OpenAI / open_clip merges file), or
 * a Hugging Face ``vocab.json`` + ``merges.txt`` pair.
 ``find_bpe_vocab()`` locates the merges file shipped in the ``open_clip_torch`` wheel
-through package metadata, without importing open_clip.
+through package metadata, without importing open_clip; ``load_tokenizer`` tries every source
+in turn (files beside the weights, the wheel, the hub).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import os
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
+
+from biomedseg.errors import WeightsMissingError
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -205,3 +208,32 @@ class ClipTokenizer:
             ids[row, : len(toks)] = torch.tensor(toks, dtype=torch.int64)
             mask[row, : len(toks)] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+
+TOKENIZER_SPEC = {"source": "hub", "repo": "openai/clip-vit-base-patch32", "files": ["vocab.json", "merges.txt"],
+                  "revision": "main", "license": "MIT", "gated": False}
+
+
+def load_tokenizer(folders=(), offline: bool | None = None):
+    """CLIP tokenizer: vocab.json + merges.txt in ``folders`` (e.g. beside the weights), else the
+    merges file of the open_clip wheel (or $BIOMEDSEG_CLIP_BPE), else ``openai/clip-vit-base-patch32``
+    from $BIOMEDSEG_WEIGHTS_DIR, the hub cache or the hub."""
+    from biomedseg.runtime.weights import resolve_weights
+
+    for folder in folders:
+        vocab, merges = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
+        if vocab.is_file() and merges.is_file():
+            return ClipTokenizer(vocab_json=vocab, merges_txt=merges)
+    try:
+        return ClipTokenizer(find_bpe_vocab())
+    except FileNotFoundError:
+        pass
+    try:
+        vocab, merges = resolve_weights(TOKENIZER_SPEC, offline=offline)
+    except WeightsMissingError as exc:
+        raise WeightsMissingError(
+            "BiomedParse needs the CLIP tokenizer vocabulary (vocab.json and merges.txt of "
+            f"openai/clip-vit-base-patch32), and none was found: {exc.message}",
+            hint="Put vocab.json and merges.txt beside the weights file, install the open_clip_torch wheel "
+                 "(pip install open_clip_torch --no-deps), or go online once.") from None
+    return ClipTokenizer(vocab_json=vocab, merges_txt=merges)

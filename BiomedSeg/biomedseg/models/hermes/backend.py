@@ -1,23 +1,20 @@
 """The engine's backend for Hermes-R: the user's checkpoint, typed prompts, the authors'
 pre- and post-processing, and a batched sliding window with progress and cancel.
 
-``predict`` works in this order, so that mistakes cost nothing:
-1. options are checked and the modality is settled (``options['modality']``, else the
-   image's DICOM modality ``CT`` / ``MR`` / ``PT``, else a CT guess from Hounsfield-like
-   intensities, else "unknown MR");
-2. every prompt is mapped to a task id (``tasks.resolve_prompt``; an unknown prompt is an
-   InputError with close matches) -- the catalogue's ``prompt_check`` already did this
-   before the model was loaded;
-3. only then the volume is resampled to 1.5 mm, windows run ``batch_size`` at a time
-   (float16 autocast on CUDA) with a progress event per forward pass and a cancel check
-   before each, and the probabilities are resampled back onto the input grid.
+``plan`` settles everything first, so that mistakes cost nothing: the modality
+(``options['modality']``, else the image's DICOM modality ``CT`` / ``MR`` / ``PT``, else a CT
+guess from Hounsfield-like intensities, else "unknown MR"), every prompt mapped to a task
+id (``tasks.resolve_prompt``; an unknown prompt is an InputError with close matches -- the
+catalogue's ``prompt_check`` already did this before anything loaded), the window, the
+stitching engine, the resampling scheme and the window batch (as many as fit in free
+memory, at most 8 on CUDA and 1 on a CPU). ``run`` then resamples the volume to 1.5 mm,
+runs the windows ``batch_size`` at a time (float16 autocast on CUDA) with a progress event
+per forward pass and a cancel check before each, and resamples the probabilities back onto
+the input grid. Memory: the engine halves the batch if it still runs out.
 
-Options (all optional): ``modality`` (CT, PET, T1, T2, cine, MR or an id -1..4),
-``batch_size`` (windows per forward pass; default: as many as fit in free memory, at
-most 8 on CUDA and 1 on a CPU, halved on its own if memory still runs out),
-``engine`` ("authors" or "monai" stitching), ``scheme`` (the authors' resampling
-scheme, see ``preprocess.SCHEMES``), ``amp`` (False turns CUDA autocast off) and
-``window`` (edge of the cubic window, default 128 as trained; smaller windows are
+Options are declared in model.json: ``modality``, ``batch_size``, ``engine`` ("authors" or
+"monai" stitching), ``scheme`` (``preprocess.SCHEMES``), ``amp`` (False turns CUDA autocast
+off) and ``window`` (edge of the cubic window, default 128 as trained; smaller windows are
 faster and lighter but see less context than the network was trained with).
 
 Hermes is multi-label and its prompts interact: every task token attends to the image
@@ -31,12 +28,14 @@ import math
 
 import numpy as np
 
-from ...catalog import get_model
-from ...errors import DependencyMissingError, InputError, OutOfMemoryError
-from ...imaging_guess import guess_modality
-from ...inference.device import device_kind, free_memory_bytes, is_out_of_memory, release_memory
-from ...volume import Volume
-from ...weights import resolve_weights
+from biomedseg.errors import CancelledError, DependencyMissingError, InputError
+from biomedseg.imaging_guess import guess_modality
+from biomedseg.models.base import Backend, LoadContext, Plan
+from biomedseg.results import ModelOutput
+from biomedseg.runtime.device import device_kind
+from biomedseg.runtime.memory import batch_that_fits
+from biomedseg.volume import Volume
+
 from . import tasks
 
 #: The catalogue's modality names and DICOM Modality values -> the network's modality id.
@@ -90,42 +89,38 @@ def window_from(options: dict) -> tuple[int, int, int]:
 def auto_batch_size(device: str, window=(128, 128, 128), amp: bool | None = None, free_bytes: int | None = None) -> int:
     """Windows per forward pass that fit in ``MEMORY_SHARE`` of the free memory (at least 1)."""
     kind = device_kind(device)
-    if free_bytes is None:
-        free_bytes = free_memory_bytes(device)
     per_window = WINDOW_BYTES["cuda_amp" if kind == "cuda" and amp is not False else
                               "cuda" if kind == "cuda" else "cpu"] * math.prod(window) / 128 ** 3
-    return max(1, min(MAX_BATCH[kind], int(free_bytes * MEMORY_SHARE // per_window)))
+    return batch_that_fits(device, per_window, MAX_BATCH, MEMORY_SHARE, free_bytes)
 
 
-class HermesBackend:
-    model_id = "hermes"
-    #: Hermes is multi-label and its targets can be several pieces (lesions): no post-processing by default.
-    default_postprocess = {"keep_largest": False, "fill_holes": False}
+class HermesBackend(Backend):
+    """Hermes-R under the model contract; ``net`` is the loaded network (tests may set a stand-in)."""
 
-    def __init__(self, device: str = "cpu", weights: str | None = None):
-        spec = get_model(self.model_id).weights
-        paths = resolve_weights(spec, local_path=weights)  # WeightsMissingError with the catalogue's instructions
+    net = None
+    weights_path = None
+    #: what the last ``run`` used (modality, task ids, batch size ...), for logs and tests
+    last_run: dict = {}
+
+    def load(self, context: LoadContext) -> None:
         from .checkpoint import load_hermes_r
 
-        self.device = device
-        self.weights_path = str(paths[0])
-        self.net = load_hermes_r(paths[0], device)
-        #: What the last ``predict`` used (modality, task ids, batch size ...), for logs and tests.
-        self.last_run: dict = {}
+        self.weights_path = str(context.weights[0])
+        self.net = load_hermes_r(context.weights[0], self.device)
 
-    def plan(self, volume: Volume, prompts: list[str], options: dict | None = None) -> dict:
-        """Check options and prompts and settle everything ``predict`` will use; no heavy work."""
+    def plan(self, volume: Volume, prompts, options: dict, *, plane: str = "axial") -> Plan:
+        """Check options and prompts and settle everything ``run`` will use; no heavy work."""
         from .preprocess import SCHEMES
 
         options = dict(options or {})
         mod, mod_source = modality_from(volume, options)
-        matches = tasks.resolve_prompts(list(prompts), mod)  # InputError with suggestions
+        matches = tasks.resolve_prompts(list(prompts.texts), mod)  # InputError with suggestions
         ids: list[int] = []
         for m in matches:
             if m.task_id not in ids:
                 ids.append(m.task_id)
         window = window_from(options)
-        engine = options.get("engine", "authors")
+        engine = options.get("engine") or "authors"
         if engine not in ("authors", "monai"):
             raise InputError(f"Unknown Hermes sliding-window engine '{engine}'; use 'authors' or 'monai'.")
         if engine == "monai":
@@ -133,7 +128,7 @@ class HermesBackend:
 
             if importlib.util.find_spec("monai") is None:
                 raise DependencyMissingError("The 'monai' sliding-window engine needs MONAI.", hint="pip install monai")
-        scheme = options.get("scheme", "two_step")
+        scheme = options.get("scheme") or "two_step"
         if scheme not in SCHEMES:
             raise InputError(f"Unknown Hermes resampling scheme '{scheme}'; use one of {', '.join(SCHEMES)}.")
         amp = options.get("amp")
@@ -142,43 +137,31 @@ class HermesBackend:
         batch = options.get("batch_size")
         if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
             raise InputError(f"Hermes option 'batch_size' must be a whole number of windows >= 1, got {batch!r}.")
-        return {"modality_id": mod, "modality_source": mod_source, "task_ids": ids,
-                "prompt_channel": {m.prompt: ids.index(m.task_id) for m in matches},
-                "concepts": {m.prompt: m.concept for m in matches},
-                "datasets": {m.prompt: m.dataset for m in matches},
-                "window": window, "engine": engine, "scheme": scheme, "amp": amp,
-                "batch_size": batch, "batch_size_auto": batch is None}
+        details = {"modality_id": mod, "modality_source": mod_source, "task_ids": ids,
+                   "prompt_channel": {m.prompt: ids.index(m.task_id) for m in matches},
+                   "concepts": {m.prompt: m.concept for m in matches},
+                   "datasets": {m.prompt: m.dataset for m in matches},
+                   "window": window, "engine": engine, "scheme": scheme, "amp": amp,
+                   "batch_size_auto": batch is None}
+        size = batch or auto_batch_size(self.device, window, amp)
+        report = {k: details[k] for k in ("modality_id", "modality_source", "task_ids", "concepts", "datasets",
+                                          "engine", "scheme")}
+        report["window"] = list(window)
+        return Plan(batch_size=size, units=f"window(s) of {window[0]}^3", details=details, report=report)
 
-    def predict(self, volume: Volume, prompts: list[str], *, progress, cancelled, options=None):
-        from ...errors import CancelledError
+    def run(self, volume: Volume, prompts, plan: Plan, *, progress, cancelled) -> ModelOutput:
         from .inference import predict_on_volume
 
-        plan = self.plan(volume, prompts, options)
+        details = plan.details
         if cancelled():
             raise CancelledError("Hermes inference was cancelled; nothing was written.")
-        batch = plan["batch_size"] or auto_batch_size(self.device, plan["window"], plan["amp"])
-        while True:
-            self.last_run = {**plan, "batch_size": batch}
-            progress(f"Hermes: preparing ({batch} window{'s' if batch > 1 else ''} per pass)", 0, 1)
-            try:
-                prob = predict_on_volume(self.net, volume, plan["task_ids"], plan["modality_id"], scheme=plan["scheme"],
-                                         device=self.device, window=plan["window"], sw_batch_size=batch,
-                                         engine=plan["engine"], amp=plan["amp"], progress=progress,
-                                         cancelled=cancelled)
-                break
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-            # out of memory; the exception (and the frames holding its tensors) is gone here
-            self._free_memory()
-            if not (plan["batch_size_auto"] and batch > 1):
-                raise OutOfMemoryError(f"Hermes ran out of memory on {self.device} with {batch} window(s) of "
-                                       f"{plan['window'][0]}^3 per pass.",
-                                       hint="Use a smaller batch_size, close other programs, or run on a GPU.")
-            batch //= 2  # our own guess was too big: halve it and start again
-            progress(f"Hermes: out of memory, retrying with {batch} window(s) per pass", 0, 1)
+        batch = plan.batch_size
+        self.last_run = {**details, "batch_size": batch}
+        progress(f"Hermes: preparing ({batch} window{'s' if batch > 1 else ''} per pass)", 0, 1)
+        prob = predict_on_volume(self.net, volume, details["task_ids"], details["modality_id"],
+                                 scheme=details["scheme"], device=self.device, window=details["window"],
+                                 sw_batch_size=batch, engine=details["engine"], amp=details["amp"],
+                                 progress=progress, cancelled=cancelled)
         progress("Hermes: done", 1, 1)
-        return {p: np.ascontiguousarray(prob[c], dtype=np.float32) for p, c in plan["prompt_channel"].items()}
-
-    def _free_memory(self) -> None:
-        release_memory(self.device)
+        return ModelOutput({p: np.ascontiguousarray(prob[c], dtype=np.float32)
+                            for p, c in details["prompt_channel"].items()}, report={"batch_size": batch})

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import InputError
+from biomedseg.errors import InputError
 
 #: Where the network weights may sit inside a checkpoint dict, best first.
 EMA_KEYS = ("ema_model_state_dict", "state_dict_ema", "model_ema", "ema_state_dict", "ema")

@@ -1,4 +1,4 @@
-"""Hermes' sliding-window inference: the generic runner (``inference.sliding_window``) with the
+"""Hermes' sliding-window inference: the generic runner (``runtime.sliding_window``) with the
 authors' window (128^3), their prompt row (tasks plus a null token) and their z-chunking.
 
 The authors' scheme (``inference/inference3d.py`` in their repository) is the runner's
@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ...errors import InputError
-from ...inference import sliding_window as sw
-from ...inference.sliding_window import CancelCheck, Progress
+from biomedseg.errors import InputError
+from biomedseg.runtime import sliding_window as sw
+from biomedseg.runtime.sliding_window import CancelCheck, Progress
 
 WINDOW = (128, 128, 128)
 #: The authors' validation splits deeper volumes along z into chunks of at most this size.

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...errors import InputError
-from ...volume import Volume, to_sitk
+from biomedseg.errors import InputError
+from biomedseg.volume import Volume, to_sitk
 
 TARGET_SPACING = 1.5
 CT_CLIP = (-991.0, 500.0)

@@ -1,6 +1,6 @@
 """Typed prompts -> Hermes task ids.
 
-Hermes knows 71 tasks by integer id (``resources/hermes_tasks.json``); the same organ
+Hermes knows 71 tasks by integer id (``hermes_tasks.json`` in this folder); the same organ
 often has several ids, one per training dataset (liver: LiTS 0, AMOS 9, BCV 24, CHAOS
 38). A prompt is normalised (case, punctuation, "l"/"lt" -> left, side word moved to
 the front: "kidney left" -> "left kidney"), looked up among organ names and synonyms,
@@ -15,9 +15,9 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 
-from ...errors import InputError
+from biomedseg.errors import InputError
 
 #: Modality ids the network was trained with (``mod_idx``).
 MODALITY_IDS = {"CT": 0, "PET": 1, "T1": 2, "T2": 3, "CINE": 4, "UNKNOWN": -1}
@@ -138,7 +138,7 @@ class TaskMatch:
 @lru_cache(maxsize=1)
 def task_table() -> dict:
     """The packaged task file (ids, datasets, names, modality ids)."""
-    return json.loads(resources.files("biomedseg.resources").joinpath("hermes_tasks.json").read_text())
+    return json.loads((Path(__file__).parent / "hermes_tasks.json").read_text())
 
 
 @lru_cache(maxsize=1)

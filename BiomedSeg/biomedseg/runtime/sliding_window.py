@@ -22,10 +22,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-from ..errors import CancelledError, InputError
-
-Progress = Callable[[str, int, int], None]
-CancelCheck = Callable[[], bool]
+from ..errors import InputError
+from .callbacks import CancelCheck, Progress, check_cancel
 Predict = Callable[..., object]  # (windows (N, C, d, h, w), samples (N,)) -> (N, K, d, h, w)
 ENGINES = ("authors", "monai")
 
@@ -86,11 +84,6 @@ def _monai_axis_count(size: int, window: int) -> int:
         return 1
     interval = int(window * 0.5)
     return next(d for d in range(math.ceil(size / interval)) if d * interval + window >= size) + 1
-
-
-def check_cancel(cancelled: CancelCheck | None, what: str = "Inference") -> None:
-    if cancelled is not None and cancelled():
-        raise CancelledError(f"{what} was cancelled.")
 
 
 def sliding_window(predict: Predict, image, window: Sequence[int], *, sw_batch_size: int = 1,

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..catalog import get_model
-from ..errors import CancelledError, InputError
-from ..volume import Volume
-from ..weights import resolve_weights
+from biomedseg.errors import CancelledError, InputError
+from biomedseg.models.base import Backend, LoadContext, Plan
+from biomedseg.results import ModelOutput
+from biomedseg.runtime.postprocess import largest_component
+from biomedseg.volume import Volume
 
 COARSE_SHAPE = (128, 128, 128)
 FINE_SHAPE = (256, 256, 256)
@@ -23,20 +24,21 @@ BOX_MARGIN = 0.1
 BOX_OCCUPANCY = 0.02  # a plane belongs to the box when >2 % of its coarse voxels are brain
 
 
-class DeepBetBackend:
-    model_id = "deepbet"
-    #: deepbet keeps the largest component and fills voids: the runner applies these by default.
-    default_postprocess = {"keep_largest": True, "fill_holes": True}
+class DeepBetBackend(Backend):
+    """Two TorchScript stages; keeps the largest component and fills voids (model.json's postprocess)."""
 
-    def __init__(self, device: str = "cpu", weights: str | None = None):
+    def load(self, context: LoadContext) -> None:
         import torch
 
-        self.device = device
-        spec = get_model(self.model_id).weights
-        paths = {p.name: p for p in resolve_weights(spec, local_path=weights)}
         self._torch = torch
-        self.coarse = torch.jit.load(str(paths["bbox_model.pt"]), map_location=device).eval()
-        self.fine = torch.jit.load(str(paths["model.pt"]), map_location=device).eval()
+        self.coarse = torch.jit.load(str(context.weight("bbox_model.pt")), map_location=self.device).eval()
+        self.fine = torch.jit.load(str(context.weight("model.pt")), map_location=self.device).eval()
+
+    def plan(self, volume: Volume, prompts, options: dict, *, plane: str = "axial") -> Plan:
+        unknown = [p for p in prompts.texts if p.strip().lower() != "brain"]
+        if unknown:
+            raise InputError(f"deepbet segments only 'brain'; it cannot segment {', '.join(map(repr, unknown))}.")
+        return Plan(units="stages")
 
     # ---- orientation ---------------------------------------------------------------------
     @staticmethod
@@ -66,8 +68,6 @@ class DeepBetBackend:
 
     @staticmethod
     def _bounding_box(coarse_mask: np.ndarray, full_shape) -> tuple[slice, ...]:
-        from ..inference.postprocess import largest_component
-
         mask = largest_component(coarse_mask)
         box = []
         for axis in range(3):
@@ -82,11 +82,8 @@ class DeepBetBackend:
             box.append(slice(max(0, int(centre - size / 2)), min(full_shape[axis], int(centre + size / 2))))
         return tuple(box)
 
-    def predict(self, volume: Volume, prompts: list[str], *, progress, cancelled, options=None):
+    def run(self, volume: Volume, prompts, plan: Plan, *, progress, cancelled) -> ModelOutput:
         torch = self._torch
-        unknown = [p for p in prompts if p.strip().lower() != "brain"]
-        if unknown:
-            raise InputError(f"deepbet segments only 'brain'; it cannot segment {', '.join(map(repr, unknown))}.")
         stages = 4
 
         def step(done, name):
@@ -114,4 +111,4 @@ class DeepBetBackend:
             step(3, "restoring grid")
             result = self._from_canonical(prob.float().cpu().numpy(), ornt)
         progress("done", stages, stages)
-        return {prompts[0]: result.astype(np.float32)} if prompts else {}
+        return ModelOutput({target: result.astype(np.float32) for target in prompts.targets})

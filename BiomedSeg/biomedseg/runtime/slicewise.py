@@ -1,10 +1,11 @@
 """Running a 2D model over a volume, slice by slice, and putting the results back exactly.
 
-The engine owns everything that is not the model: which patient plane to cut (axial by
+This strategy owns everything that is not the model: which patient plane to cut (axial by
 default, whatever the array order), presenting slices in the display orientation the
-model was trained on (``SliceOrientation``: transposes and flips only), an optional slice
-range or RAS box, batching, progress and cancel between batches, and a cache of per-slice
-image features so a new prompt on the same volume runs only the decoder.
+model was trained on (``SliceOrientation``: transposes and flips only), batching, progress
+and cancel between batches, and a cache of per-slice image features so a new prompt on the
+same volume runs only the decoder. A slice range or ROI is the engine's business: it hands
+the strategy the cropped volume (``geometry.region_box``) and puts the result back.
 
 A ``SliceModel`` does the model's part: ``encode`` a batch of display-oriented slices
 (its own preprocessing: windows, resizing, normalisation) into features with a leading
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,32 +30,6 @@ class SliceModel(Protocol):
 
     def decode(self, features: dict, prompts: list[str], context: dict) -> Any:
         """features of B slices -> probabilities (B, len(prompts), rows, cols), numpy or torch."""
-
-
-@dataclass(frozen=True)
-class Crop:
-    """A box of the volume in array indices (k, j, i), half-open."""
-
-    start: tuple[int, int, int]
-    stop: tuple[int, int, int]
-
-    @property
-    def slices(self) -> tuple[slice, slice, slice]:
-        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
-
-
-def crop_for_roi(volume: Volume, ras_min, ras_max) -> Crop:
-    """Smallest box of voxels whose centres cover an axis-aligned RAS box (e.g. a markups ROI)."""
-    lo, hi = np.asarray(ras_min, float), np.asarray(ras_max, float)
-    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    ijk = (np.linalg.inv(volume.ijk_to_ras) @ corners.T).T[:, :3]
-    start_ijk = np.clip(np.floor(ijk.min(axis=0) + 0.5), 0, None).astype(int)
-    stop_ijk = np.ceil(ijk.max(axis=0) - 0.5).astype(int) + 1
-    shape_ijk = np.array(volume.shape[::-1])
-    stop_ijk = np.minimum(stop_ijk, shape_ijk)
-    if np.any(stop_ijk <= start_ijk):
-        raise InputError("The region of interest does not overlap the volume.")
-    return Crop(tuple(int(v) for v in start_ijk[::-1]), tuple(int(v) for v in stop_ijk[::-1]))
 
 
 class FeatureCache:
@@ -105,38 +79,18 @@ def _stack(per_slice: list[dict]) -> dict:
 
 
 def run_slicewise(volume: Volume, model: SliceModel, prompts: list[str], *, context: dict | None = None,
-                  plane: str = "axial", slice_range: tuple[int, int] | None = None, crop: Crop | None = None,
-                  batch_size: int = 8, progress=None, cancelled=None,
+                  plane: str = "axial", batch_size: int = 8, progress=None, cancelled=None,
                   cache: FeatureCache | None = None) -> dict[str, np.ndarray]:
-    """Probabilities (k, j, i) per prompt on ``volume``'s grid (zero outside the range/crop).
-
-    ``slice_range`` is an inclusive (first, last) pair of array indices along the axis that
-    indexes the chosen plane's slices; ``crop`` restricts every slice to a box.
-    """
+    """Probabilities (k, j, i) per prompt on ``volume``'s grid, slice by slice along ``plane``."""
     progress = progress or (lambda *a: None)
     cancelled = cancelled or (lambda: False)
     context = dict(context or {})
     if batch_size < 1:
         raise InputError(f"Batch size must be at least 1, got {batch_size}.")
     orient = volume.slice_orientation(plane)
-    region = crop.slices if crop is not None else (slice(None),) * 3
-    if slice_range is not None:
-        first, last = (int(v) for v in slice_range)
-        n_along = volume.shape[orient.slice_axis]
-        if not 0 <= first <= last < n_along:
-            raise InputError(f"Slice range {first}..{last} is outside 0..{n_along - 1} for the {plane} plane.")
-        region = list(region)
-        current = region[orient.slice_axis]
-        start = max(first, current.start or 0)
-        stop = min(last + 1, current.stop if current.stop is not None else n_along)
-        if stop <= start:
-            raise InputError("The slice range and the region of interest do not overlap.")
-        region[orient.slice_axis] = slice(start, stop)
-        region = tuple(region)
-    sub = volume.array[region]
-    display = orient.to_display(sub)  # (n, rows, cols[, C]) view
+    display = orient.to_display(volume.array)  # (n, rows, cols[, C]) view
     n = display.shape[0]
-    context.update({"plane": plane, "region": [(s.start, s.stop) for s in region]})
+    context["plane"] = plane
     store = cache.get(FeatureCache.key(volume, context)) if cache is not None else None
 
     out = {p: np.zeros((n,) + display.shape[1:3], np.float32) for p in prompts}
@@ -165,9 +119,4 @@ def run_slicewise(volume: Volume, model: SliceModel, prompts: list[str], *, cont
             out[prompt][batch[0]:batch[-1] + 1] = probs[:, p_index]
         done += len(batch)
         progress("segmenting slices", done, n)
-    result = {}
-    for prompt, stack in out.items():
-        full = np.zeros(volume.shape, np.float32)
-        full[region] = orient.from_display(stack)
-        result[prompt] = full
-    return result
+    return {prompt: np.ascontiguousarray(orient.from_display(stack)) for prompt, stack in out.items()}

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import WeightsMissingError
+from ..errors import WeightsMissingError
 
 
 def cache_dir() -> Path:

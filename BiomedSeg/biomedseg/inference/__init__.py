@@ -1,1 +1,0 @@
-"""Running models on volumes: device choice, backend loading and caching, post-processing."""

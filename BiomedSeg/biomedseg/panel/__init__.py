@@ -1,0 +1,60 @@
+"""What the Slicer panel does, without Qt and without importing Slicer or torch.
+
+``BiomedSeg.py`` is a thin view: it reads its widgets into a ``PanelState``, hands it to a
+``PanelController`` with the MRML nodes, calls ``poll()`` from a QTimer and shows what comes
+back; its Install and Download buttons follow an ``InstallFlow``. Everything that can be
+wrong lives in this package, one module per job, and is tested against real MRML classes
+(slicer-core), a real worker process and real installer processes:
+
+- ``state``: the widgets' choices (also the parameter node's) and the ``PanelState``;
+- ``models``: the model list with each model's state in the worker's Python;
+- ``guessing``: modality and site from DICOM tags and intensities, in the model's words, and
+  the catalogue's prompt suggestions for them;
+- ``request``: the worker request built and checked from the panel state (prompts, region, options);
+- ``messages``: progress with the time left, errors as a sentence with what to do, buttons;
+- ``controller``: submit, poll, apply with undo (add or overwrite), cancel, export;
+- ``install`` and ``background_steps``: first-run installs and downloads that never replace
+  the packages of Slicer's own Python, run as background processes;
+- ``worker_python``: the environment of a Python other than Slicer's.
+
+MRML nodes are only passed through to ``slicer_bridge``; nothing here touches them itself.
+"""
+from .background_steps import BackgroundSteps
+from .controller import PanelController, PollResult
+from .guessing import (Guess, ModelView, guess_modality_site, match_modality, match_site, modalities_for, model_view,
+                       read_dicom_tags, sites_for, state_for_guess, suggestions)
+from .install import (DOWNLOAD_CODE, ENGINE_PACKAGES, WORKER_REQUIREMENTS, InstallFinish, InstallFlow, InstallOffer,
+                      InstallPlan, InstallPoll, Question, Step, constraints_for_installed, download_plan, env_python,
+                      hub_cache_bytes, install_plan, missing_engine_packages, missing_requirements, weights_progress)
+from .messages import (ACTION_LABELS, PanelMessage, Progress, RunOutcome, button_states, describe_error,
+                       describe_progress, device_label, format_seconds, time_left)
+from .models import ModelChoice, device_supported, model_choices, model_states
+from .request import Request, build_request, geometric_prompts
+from .state import (DEVICES, EXPORT_FORMATS, POSTPROCESS, SLICE_AXES, WRITE_MODES, PanelState, chosen_prompts,
+                    join_prompts, parse_prompts, state_from_parameters, toggle_prompt)
+from .worker_python import isolated_environment, same_python, with_engine_on_path
+
+__all__ = [
+    # state
+    "SLICE_AXES", "DEVICES", "POSTPROCESS", "WRITE_MODES", "EXPORT_FORMATS", "PanelState", "state_from_parameters",
+    "parse_prompts", "join_prompts", "toggle_prompt", "chosen_prompts",
+    # models
+    "ModelChoice", "model_states", "model_choices", "device_supported",
+    # guessing
+    "Guess", "guess_modality_site", "read_dicom_tags", "modalities_for", "sites_for", "match_modality", "match_site",
+    "state_for_guess", "suggestions", "ModelView", "model_view",
+    # request
+    "Request", "build_request", "geometric_prompts",
+    # messages
+    "Progress", "PanelMessage", "RunOutcome", "button_states", "describe_progress", "describe_error",
+    "format_seconds", "time_left", "device_label", "ACTION_LABELS",
+    # controller
+    "PanelController", "PollResult",
+    # installs
+    "Step", "InstallPlan", "install_plan", "download_plan", "missing_requirements", "missing_engine_packages",
+    "constraints_for_installed", "env_python", "hub_cache_bytes", "weights_progress", "BackgroundSteps",
+    "InstallFlow", "InstallOffer", "Question", "InstallFinish", "InstallPoll", "WORKER_REQUIREMENTS",
+    "ENGINE_PACKAGES", "DOWNLOAD_CODE",
+    # worker python
+    "isolated_environment", "same_python", "with_engine_on_path",
+]
