@@ -1,6 +1,7 @@
 """The catalogue assembled from model folders (and $BIOMEDSEG_EXTRA_MODELS), checked by the schema."""
 import copy
 import json
+import os
 import shutil
 
 import jsonschema
@@ -141,7 +142,44 @@ def test_extra_models_from_a_folder_a_folder_of_folders_or_a_catalogue_file(tmp_
     fresh_catalog.setenv("BIOMEDSEG_EXTRA_MODELS", str(tmp_path / "file" / "catalogue.json"))
     load_catalog.cache_clear()
     assert get_model("deepbet-listed").resolve(get_model("deepbet-listed").backend).__name__ == "DeepBetBackend"
-    fresh_catalog.setenv("BIOMEDSEG_EXTRA_MODELS", str(tmp_path / "missing"))
+
+
+
+def test_a_broken_extra_model_is_left_out_and_said_so(tmp_path, fresh_catalog, capsys):
+    """A site's broken model.json (or a missing folder, or a taken id) never stops the bundled models."""
+    from biomedseg.catalog import PROBLEMS
+    from biomedseg.cli import main
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    data = json.loads((MODELS_DIR / "deepbet" / "model.json").read_text())
+    (broken / "model.json").write_text(json.dumps({k: v for k, v in data.items() if k != "title"} | {"id": "x"}))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model.json").write_text(json.dumps(data))
+    fresh_catalog.setenv("BIOMEDSEG_EXTRA_MODELS", os.pathsep.join([str(broken), str(taken), str(tmp_path / "gone")]))
     load_catalog.cache_clear()
-    with pytest.raises(InputError, match="does not exist"):
-        load_catalog()
+    assert [e.id for e in load_catalog()][:3] == ["deepbet", "biomedparse-v1", "hermes"]
+    assert len(PROBLEMS) == 3
+    assert f"'{broken / 'model.json'}' was left out: 'title' is a required property" in PROBLEMS[0]
+    assert "the id 'deepbet' is taken" in PROBLEMS[1] and "does not exist" in PROBLEMS[2]
+    assert main(["models"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 3 and "'title' is a required property" in err
+
+
+def test_a_bundled_folder_name_that_is_no_python_name_still_imports(tmp_path, monkeypatch):
+    """A copy such as models/hermes.v2/ (a dot is no package name) gets a package of its own."""
+    from biomedseg import catalog
+
+    root = tmp_path / "models"
+    shutil.copytree(MODELS_DIR / "deepbet", root / "deep.bet", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(catalog, "MODELS_DIR", root)
+    monkeypatch.delenv("BIOMEDSEG_EXTRA_MODELS", raising=False)
+    load_catalog.cache_clear()
+    try:
+        (entry,) = load_catalog()
+        assert entry.package.startswith("biomedseg_extra_models.deep_bet_")
+        assert entry.resolve(entry.backend).__name__ == "DeepBetBackend"
+    finally:
+        load_catalog.cache_clear()

@@ -317,3 +317,84 @@ def test_declared_options_are_checked_and_defaults_filled():
                           ({"cache": "no"}, "true or false"), ({"recognise": True}, "has no option 'recognise'")):
         with pytest.raises(InputError, match=text):
             check_options("biomedparse-v1", declared, options)
+
+
+# ---- sessions and results hold under misuse ---------------------------------------------------
+def test_a_failed_reopen_leaves_no_old_image_and_old_data_never_leaks(extra_models):
+    """Re-opening a session with a new image closes the old one first: if the new request fails, a
+    click finds no session (not the previous image). Probabilities of an earlier job never show up
+    for targets that have none (the pooled block is reused)."""
+    from biomedseg.worker.client import WorkerClient
+
+    extra_models(TOYS / "click_session")
+    extra_models(TOYS / "box_labels")
+    vol = bright_cube_volume()
+    lo, hi = cube_box(vol, grow=4.0)
+    box = BoxPrompt(lo, hi, None, "cube")
+    flipped = Volume(vol.array[::-1].copy(), vol.ijk_to_ras, name="other")
+    outside = BoxPrompt((1e4, 1e4, 1e4), (2e4, 2e4, 2e4), None, "cube")
+    client = WorkerClient()
+    try:
+        assert client.run(vol, "toy-click-session", [box], session="s", timeout=120).segments
+        with pytest.raises(InputError, match="does not overlap"):
+            client.run(flipped, "toy-click-session", [outside], session="s", timeout=120)
+        assert "s" not in client.sessions and client.request("status")["sessions"] == []
+        with pytest.raises(InputError, match="is not open"):
+            client.submit(None, "toy-click-session", [box], session="s")
+        first = client.run(vol, "toy-click-session", [box], probabilities=True, timeout=120)
+        assert first.probabilities["cube"].max() == 1.0
+        labels = client.run(vol, "toy-box-labels", [box], probabilities=True, timeout=120)
+        assert labels.probabilities == {} and labels.labels  # nothing of the first job's block came back
+    finally:
+        client.close()
+
+
+def test_a_session_rerun_takes_a_new_region_or_new_options_afresh(extra_models):
+    from biomedseg.engine import segment
+    from biomedseg.geometry import make_region
+
+    extra_models(TOYS / "click_session")
+    vol = bright_cube_volume()
+    lo, hi = cube_box(vol, grow=4.0)
+    box = BoxPrompt(lo, hi, None, "cube")
+    cube = vol.array > 500
+    axis = vol.slice_orientation("axial").slice_axis
+    first = segment(vol, "toy-click-session", [box], session="r")
+    assert np.array_equal(first.segments[0].mask, cube) and first.report["embeddings"] >= 1
+    embeddings = first.report["embeddings"]
+    rows = np.nonzero(np.any(cube, axis=tuple(a for a in range(3) if a != axis)))[0]
+    first_row = int(rows[0]) + 2  # a 3D model needs 8 slices: the cube's upper 4 and 4 more
+    region = make_region("axial", (first_row, first_row + 7))
+    cropped = segment(None, "toy-click-session", [box], session="r", region=region)
+    along = np.moveaxis(cropped.segments[0].mask, axis, 0)
+    assert along[first_row:].any() and not along[:first_row].any()  # the request's region, not the old one
+    assert cropped.report["region"] is not None
+    again = segment(None, "toy-click-session", [box], session="r")  # no region given: the session's (now this one)
+    assert again.report["embeddings"] == cropped.report["embeddings"]
+    changed = segment(None, "toy-click-session", [box], session="r", region=region, options={"radius": 9.0})
+    assert changed.report["embeddings"] == again.report["embeddings"] + 1  # other options: opened afresh
+    assert changed.report["session_runs"] == 1 and embeddings >= 1
+
+
+def test_a_backend_returning_nan_scores_is_an_error_not_a_stuck_panel(extra_models, tmp_path):
+    from biomedseg.cli import main
+    from biomedseg.errors import BiomedSegError
+    from biomedseg.io import write_volume
+    from biomedseg.worker.client import WorkerClient
+
+    extra_models(TOYS / "box_labels")
+    vol = bright_cube_volume()
+    lo, hi = cube_box(vol)
+    box = BoxPrompt(lo, hi, None, "cube")
+    client = WorkerClient()
+    try:
+        with pytest.raises(BiomedSegError, match="returned the label 'bright' with score nan"):
+            client.run(vol, "toy-box-labels", [box], options={"broken_scores": True}, timeout=60)
+        assert client.run(vol, "toy-box-labels", [box], timeout=60).labels  # the worker keeps serving
+    finally:
+        client.close()
+    src = write_volume(tmp_path / "cube.nii.gz", vol)
+    out = tmp_path / "x.json"
+    assert main(["segment", str(src), "--model", "toy-box-labels", "--box", *map(str, lo), *map(str, hi),
+                 "--box-3d", "--option", "broken_scores=true", "-o", str(out), "--in-process", "-q"]) == 1
+    assert not out.exists()

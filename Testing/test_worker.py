@@ -266,6 +266,66 @@ def test_out_of_memory_policy_is_the_same_in_process():
     assert "smaller slice range or ROI" in err.value.hint
 
 
+def test_numpy_memory_errors_and_memory_errors_while_loading_are_out_of_memory(monkeypatch):
+    from biomedseg.engine import segment, unload_all
+
+    vol = small_volume()
+    result = segment(vol, "test-model", ["target"], options={"mode": "memory_error", "batch_size": 4, "radius": 5.0})
+    assert result.segments and result.report["batch_size"]["ran"] == 1
+    unload_all()
+    monkeypatch.setenv("TEST_MODEL_LOAD_OOM", "1")
+    with pytest.raises(OutOfMemoryError, match="ran out of memory on cpu while loading its weights") as err:
+        segment(vol, "test-model", ["target"])
+    assert "more memory" in err.value.hint and "--device cpu" not in err.value.hint  # it is the CPU already
+
+
+def test_cancelling_a_queued_job_keeps_the_running_one_and_the_worker(client):
+    vol = small_volume()
+    running = client.submit(vol, "test-model", ["target"], options={"steps": 20, "step_s": 0.05, "radius": 5.0})
+    queued = client.submit(vol, "test-model", ["target"], options={"steps": 2, "radius": 5.0})
+    while running.state != "running":
+        client.poll(timeout=0.05)
+    pid = client.worker_pid
+    client.cancel(queued)
+    with pytest.raises(CancelledError, match="before it started"):
+        client.wait(queued, timeout=30)
+    assert client.wait(running, timeout=30).segments and client.worker_pid == pid
+
+
+def test_jobs_queued_behind_a_crash_or_a_cancel_kill_are_sent_again_not_lost():
+    client = WorkerClient(cancel_grace=0.5)
+    vol = small_volume()
+    try:
+        crashing = client.submit(vol, "test-model", ["target"], options={"mode": "crash", "crash_at": 1})
+        behind = client.submit(vol, "test-model", ["target"], options={"radius": 5.0})
+        with pytest.raises(WorkerCrashedError):
+            client.wait(crashing, timeout=60)
+        assert client.wait(behind, timeout=60).segments
+        stubborn = client.submit(vol, "test-model", ["target"],
+                                 options={"mode": "ignore_cancel", "steps": 100, "step_s": 0.1})
+        after = client.submit(vol, "test-model", ["target"], options={"radius": 5.0})
+        while stubborn.done < 1:
+            client.poll(timeout=0.05)
+        old = client.worker_pid
+        client.cancel(stubborn)
+        with pytest.raises(CancelledError, match="worker was stopped"):
+            client.wait(stubborn, timeout=30)
+        assert client.wait(after, timeout=60).segments and client.worker_pid != old
+    finally:
+        client.close()
+
+
+def test_closing_a_session_answers_while_a_job_runs(client):
+    vol = small_volume()
+    job = client.submit(vol, "test-model", ["target"], options={"steps": 40, "step_s": 0.05, "radius": 5.0})
+    while job.state != "running":
+        client.poll(timeout=0.05)
+    t0 = time.monotonic()
+    assert client.close_session("nothing-open") is False
+    assert time.monotonic() - t0 < 1.0 and not job.finished
+    client.wait(job, timeout=30)
+
+
 def test_two_requests_queue_instead_of_interleaving(client):
     vol = small_volume()
     log = []
@@ -406,3 +466,20 @@ def test_a_stale_or_newer_worker_is_refused_with_what_to_update(tmp_path, versio
 
     report = worker_report(python)
     assert side in report["error"]
+
+
+def test_a_worker_that_imports_another_copy_of_the_engine_is_refused(tmp_path):
+    """Same version and protocol, another folder: the handshake names both copies (a checkout shadowing one)."""
+    from biomedseg import __version__
+    from biomedseg.errors import WorkerMismatchError
+
+    ready = {"event": "ready", "pid": 1, "version": __version__, "protocol": protocol.PROTOCOL_VERSION,
+             "engine_root": str(tmp_path / "other-checkout")}
+    python, record = fake_worker_python(tmp_path, ready)
+    client = WorkerClient(python=python)
+    try:
+        with pytest.raises(WorkerMismatchError, match="other-checkout.*shadows this one"):
+            client.request("ping", timeout=30)
+        assert not record.exists() or record.read_text() == ""
+    finally:
+        client.close()

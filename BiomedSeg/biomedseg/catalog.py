@@ -213,20 +213,49 @@ def _extra_entries(path: Path) -> list[tuple[dict, Path]]:
     raise InputError(f"{what} '{path}' does not exist.", hint="Fix $BIOMEDSEG_EXTRA_MODELS.")
 
 
+#: Extra catalogue entries that could not be used, as sentences (refreshed with the catalogue):
+#: a broken site model is reported and skipped; the bundled models keep working.
+PROBLEMS: list[str] = []
+
+
+def _package_for(folder: Path, bundled: bool) -> str:
+    if bundled and folder.name.isidentifier():
+        return f"biomedseg.models.{folder.name}"
+    return _extra_package_name(folder)
+
+
 @lru_cache(maxsize=1)
 def load_catalog() -> tuple[ModelEntry, ...]:
-    """The bundled model folders plus what ``$BIOMEDSEG_EXTRA_MODELS`` names, each checked."""
+    """The bundled model folders plus what ``$BIOMEDSEG_EXTRA_MODELS`` names, each checked.
+
+    A bundled entry that fails its schema is an error of this release; an extra one that cannot
+    be read, fails the schema or repeats an id is left out and described in ``PROBLEMS``."""
+    import jsonschema
+
     pairs = [pair for folder in sorted(MODELS_DIR.iterdir()) if (folder / "model.json").is_file()
              for pair in _folder_entries(folder, "Model catalogue entry")]
     pairs.sort(key=lambda pair: (pair[0].get("id") != default_model_id(), pair[1].name))  # the default first
-    bundled = len(pairs)
-    for extra in filter(None, os.environ.get("BIOMEDSEG_EXTRA_MODELS", "").split(os.pathsep)):
-        pairs += _extra_entries(Path(extra).expanduser().resolve())
     validate_entries([data for data, _ in pairs])
-    entries = []
-    for n, (data, folder) in enumerate(pairs):
-        package = f"biomedseg.models.{folder.name}" if n < bundled else _extra_package_name(folder)
-        entries.append(ModelEntry(data, folder, package))
+    entries = [ModelEntry(data, folder, _package_for(folder, True)) for data, folder in pairs]
+    PROBLEMS.clear()
+    for extra in filter(None, os.environ.get("BIOMEDSEG_EXTRA_MODELS", "").split(os.pathsep)):
+        try:
+            found = _extra_entries(Path(extra).expanduser().resolve())
+        except InputError as exc:
+            PROBLEMS.append(str(exc))
+            continue
+        for data, folder in found:
+            where = f"'{folder / 'model.json'}'" if (folder / "model.json").is_file() else f"in '{extra}'"
+            try:
+                jsonschema.validate(data, model_schema())
+            except jsonschema.ValidationError as exc:
+                PROBLEMS.append(f"Extra model {where} was left out: {exc.message}"
+                                + (f" (at {'/'.join(map(str, exc.absolute_path))})" if exc.absolute_path else "") + ".")
+                continue
+            if any(e.id == data["id"] for e in entries):
+                PROBLEMS.append(f"Extra model {where} was left out: the id '{data['id']}' is taken.")
+                continue
+            entries.append(ModelEntry(data, folder, _package_for(folder, False)))
     return tuple(entries)
 
 

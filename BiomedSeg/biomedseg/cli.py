@@ -40,6 +40,10 @@ def cmd_models(args) -> int:
             "prompt_types": e.prompt_types, "results": e.results, "options": e.options,
             "interactive": e.interactive,
         })
+    from .catalog import PROBLEMS
+
+    for problem in PROBLEMS:
+        print(f"warning: {problem}", file=sys.stderr)
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
@@ -183,8 +187,14 @@ def cmd_segment(args) -> int:
         log(f"not found: '{name}' ({result.absent_reasons.get(name, 'no voxel above the threshold')}); "
             "no segment written for it")
     _report_extras(result, log)
+    found = bool(result.segments or result.labels or result.findings)
     if suffix_of(output) == ".json":
-        written = [write_result_json(output, result)]
+        written = [write_result_json(output, result)]  # with the reasons, even when nothing was found
+        if not found:
+            print(f"error: nothing was found for {', '.join(map(repr, result.absent))}; {output} says why.",
+                  file=sys.stderr)
+            print(output)
+            return 1
     elif not result.segments:
         print(f"error: nothing was found for {', '.join(map(repr, result.absent))}; no file written.",
               file=sys.stderr)
@@ -236,6 +246,10 @@ def doctor_report() -> dict:
         report["torch"] = None
         report["default_device"] = "none: torch is not installed (pip install torch)"
     report["models"] = {e.id: e.state() for e in load_catalog()}
+    from .catalog import PROBLEMS
+
+    if PROBLEMS:
+        report["catalogue_problems"] = list(PROBLEMS)
     return report
 
 

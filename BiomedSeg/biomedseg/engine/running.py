@@ -13,6 +13,7 @@ The same steps whether the worker or ``--in-process`` calls it:
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -46,14 +47,16 @@ def segment(volume: Volume | None, model_id: str, prompts, *, device: str = "aut
             region: Region | None = None, session: str | None = None) -> SegmentationResult:
     """Segment ``volume`` with ``model_id`` for each prompt; masks are on the input grid.
 
-    ``session`` names an interactive session: with a volume it (re)opens it, without one it
-    runs the new prompts on the session's image (see ``engine.sessions``).
+    ``session`` names an interactive session: with a volume it (re)opens it (the old one is closed
+    first, so a failed re-open never leaves the previous image behind), without one it runs the
+    new prompts on the session's image, in the session's region unless ``region`` names another
+    (see ``engine.sessions``).
     """
     from .sessions import SESSIONS
 
     progress, cancelled = progress or _nothing, cancelled or _never
     start = time.perf_counter()
-    if not 0.0 < float(threshold) < 1.0:
+    if not 0.0 < float(threshold) < 1.0:  # NaN fails this too
         raise InputError(f"Threshold {threshold} must lie strictly between 0 and 1.")
     entry = get_model(model_id)
     prompts = check_prompts(model_id, prompts)
@@ -64,7 +67,9 @@ def segment(volume: Volume | None, model_id: str, prompts, *, device: str = "aut
         if session is None:
             raise InputError("No image was given.")
         stored = SESSIONS.get(session, model_id, resolved, weights)
-        volume, region = stored.volume, stored.region
+        volume, region = stored.volume, region if region is not None else stored.region
+    elif session is not None:
+        SESSIONS.close(session)
     region = region or Region()
     box = region_box(volume, region)
     work = crop_volume(volume, box) if box is not None else volume
@@ -76,10 +81,10 @@ def segment(volume: Volume | None, model_id: str, prompts, *, device: str = "aut
     warm = loading.warm_backend(model_id, resolved, weights)
     fresh = warm or loading.new_backend(entry, resolved)
     plan = fresh.plan(volume, to_grid(prompts, volume) if box is not None else grid, options, plane=region.plane)
-    backend, _ = loading.load_backend(model_id, resolved, weights, backend=fresh)
+    backend = load_with_memory_policy(model_id, resolved, weights, fresh, entry.title)
     if session is not None:
-        runner = SESSIONS.runner(session, model_id, resolved, weights, volume, region, backend, work, grid, entry,
-                                 progress, cancelled)
+        runner = SESSIONS.runner(session, model_id, resolved, weights, volume, region, options, backend, work, grid,
+                                 entry, progress, cancelled)
     else:
         def runner(plan_now):
             return backend.run(work, grid, plan_now, progress=progress, cancelled=cancelled)
@@ -94,6 +99,28 @@ def segment(volume: Volume | None, model_id: str, prompts, *, device: str = "aut
                           "memory_retries": retries})
     result.seconds = time.perf_counter() - start
     return result
+
+
+def load_with_memory_policy(model_id: str, device: str, weights, fresh, title: str):
+    """The loaded backend; running out of memory while loading is an OutOfMemoryError (exit 4), not a crash."""
+    try:
+        return loading.load_backend(model_id, device, weights, backend=fresh)[0]
+    except BiomedSegError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- torch's OOM types differ by device; matched by name/text
+        if not is_out_of_memory(exc):
+            raise
+    release_memory(device)
+    raise OutOfMemoryError(f"{title} ran out of memory on {device} while loading its weights.",
+                           hint=_memory_hint(device, loading=True))
+
+
+def _memory_hint(device: str, loading: bool = False) -> str:
+    gpu = device_kind(device) == "cuda"
+    what = "Close other programs that use the " + ("GPU" if gpu else "memory")
+    if loading:
+        return what + (", or use --device cpu." if gpu else ", or use a machine with more memory.")
+    return what + ", choose a smaller slice range or ROI" + (", or use --device cpu." if gpu else ".")
 
 
 def run_with_memory_policy(runner, plan, title: str, device: str, progress):
@@ -115,26 +142,30 @@ def run_with_memory_policy(runner, plan, title: str, device: str, progress):
             retries.append({"from": batch, "to": plan.batch_size})
             progress(f"out of memory: retrying with batch size {plan.batch_size}", 0, 1)
             continue
-        where = "GPU" if device_kind(device) == "cuda" else "memory"
         raise OutOfMemoryError(
             f"{title} ran out of memory on {device} with {batch or 1} {plan.units} per pass"
-            f"{' (after halving the batch)' if retries else ''}.",
-            hint=f"Close other programs that use the {where}, choose a smaller slice range or ROI, "
-                 "or use --device cpu.")
+            f"{' (after halving the batch)' if retries else ''}.", hint=_memory_hint(device))
 
 
 def check_output(model_id: str, entry, output: ModelOutput, targets: list[str], shape) -> None:
-    """The backend kept the contract: every target answered on the grid it was given."""
+    """The backend kept the contract: every target answered on the grid it was given, finite label scores.
+    A breach is the backend's bug: an error that says so (exit 1), never a result with it."""
+    def broken(what: str):
+        return BiomedSegError(f"Model '{model_id}' {what}.", hint="This is a bug in the model's backend; please "
+                                                                   "report it with the worker log.")
+
     if not isinstance(output, ModelOutput):
-        raise RuntimeError(f"backend {model_id} returned {type(output).__name__}, not a ModelOutput")
+        raise broken(f"returned {type(output).__name__}, not a ModelOutput")
+    for label in output.labels:
+        if not isinstance(label.score, (int, float)) or not math.isfinite(label.score):
+            raise broken(f"returned the label '{label.name}' with score {label.score!r}")
     if "masks" in entry.results:
         for target in targets:
             prob = output.probabilities.get(target)
             if prob is None and target not in output.absent:
-                raise RuntimeError(f"backend {model_id} returned no result for '{target}'")
+                raise broken(f"returned no result for '{target}'")
             if prob is not None and tuple(prob.shape) != tuple(shape):
-                raise RuntimeError(f"backend {model_id} returned shape {prob.shape} for '{target}', "
-                                   f"not the input's {tuple(shape)}")
+                raise broken(f"returned shape {prob.shape} for '{target}', not the input's {tuple(shape)}")
 
 
 def to_result(output: ModelOutput, entry, volume: Volume, box, targets: list[str], threshold: float,

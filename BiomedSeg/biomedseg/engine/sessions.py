@@ -28,6 +28,7 @@ class EngineSession:
     weights: str | None
     volume: object
     region: object
+    options: dict
     backend: object
     backend_session: object = None
     runs: int = 0
@@ -55,16 +56,19 @@ class SessionStore:
         self.sessions.move_to_end(session_id)
         return found
 
-    def runner(self, session_id, model_id, device, weights, volume, region, backend, work, grid, entry,
+    def runner(self, session_id, model_id, device, weights, volume, region, options, backend, work, grid, entry,
                progress, cancelled):
-        """A ``runner(plan)`` for the engine's memory policy that runs in the session (opening it if needed)."""
+        """A ``runner(plan)`` for the engine's memory policy that runs in the session (opening it if needed).
+
+        The backend's session (its embedding) is kept only while the image, the region, the options and
+        the loaded model stay the same; anything else opens it afresh on the kept image."""
         found = self.sessions.get(session_id)
         same = (found is not None and found.volume is volume and found.region == region
-                and found.backend is backend and (found.model_id, found.device, found.weights)
-                == (model_id, device, weights))
+                and found.options == options and found.backend is backend
+                and (found.model_id, found.device, found.weights) == (model_id, device, weights))
         if not same:
             self.close(session_id)
-            found = EngineSession(session_id, model_id, device, weights, volume, region, backend)
+            found = EngineSession(session_id, model_id, device, weights, volume, region, dict(options), backend)
             self.sessions[session_id] = found
             while len(self.sessions) > MAX_SESSIONS:
                 self.close(next(iter(self.sessions)))

@@ -198,7 +198,7 @@ def write_result_json(path: str | os.PathLike, result) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
     try:
-        tmp.write_text(json.dumps(result.summary_dict(), indent=2) + "\n")
+        tmp.write_text(json.dumps(result.summary_dict(), indent=2, allow_nan=False) + "\n")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

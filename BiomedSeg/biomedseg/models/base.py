@@ -25,11 +25,14 @@ Lifecycle, per run:
 1. ``cls(device)`` -- cheap: no weights, no big imports.
 2. ``plan(volume, prompts, options, plane=...)`` -- validate what the declared types cannot
    (ranges, combinations, the modality of this image), settle defaults and size the work.
-   ``volume`` is the whole image (so what it *is* is judged on all of it); raises InputError.
-   Returns a ``Plan``. Called on a fresh or a warm instance; must not need the weights.
+   ``volume`` is the whole image (so what it *is* is judged on all of it) and ``prompts`` are on
+   its grid; raises InputError. Returns a ``Plan``. Called on a fresh or a warm instance; must
+   not need the weights.
 3. ``load(context)`` -- once per warm instance: read the weights from ``context.weights``.
-4. ``run(volume, prompts, plan, progress=, cancelled=)`` -- ``volume`` is the region to work on;
-   returns a ``ModelOutput`` keyed by ``prompts.targets`` on that volume's grid. Call
+4. ``run(volume, prompts, plan, progress=, cancelled=)`` -- ``volume`` is the region to work on
+   (the whole image, or the crop a slice range or ROI makes: ``volume.meta['cropped_from']``) and
+   ``prompts`` are on *its* grid, so indices from ``plan`` do not carry over; returns a
+   ``ModelOutput`` keyed by ``prompts.targets`` on that volume's grid. Call
    ``progress(stage, done, total)`` between units of work and stop with ``CancelledError`` when
    ``cancelled()`` is true. Out-of-memory errors propagate (the engine handles them).
 

@@ -59,9 +59,11 @@ def free_memory_bytes(device: str) -> int:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """A torch allocation failure: CUDA/MPS 'out of memory' or a CPU 'can't allocate memory'."""
+    """An allocation failure: torch's CUDA/MPS 'out of memory', a CPU 'can't allocate memory', numpy's
+    MemoryError ('Unable to allocate ...')."""
     text = str(exc).lower()
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text
+            or "can't allocate memory" in text)
 
 
 def release_memory(device: str) -> None:

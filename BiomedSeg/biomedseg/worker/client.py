@@ -51,6 +51,8 @@ class Job:
     volume: Volume | None
     #: result names in order (text prompts are their own targets)
     targets: list[str] = field(default_factory=list)
+    #: the interactive session it runs in, if any
+    session: str | None = None
     state: str = "queued"  # queued, running, done, failed, cancelled
     stage: str = ""
     done: int = 0
@@ -65,6 +67,8 @@ class Job:
     on_done: Callable | None = None
     blocks: list = field(default_factory=list)
     outputs: dict = field(default_factory=dict)
+    #: the request as sent, so a queued job can be sent again to a fresh worker
+    message: dict = field(default_factory=dict)
     submitted_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -106,6 +110,7 @@ class WorkerClient:
         env = dict(os.environ if self.env is None else self.env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENGINE_ROOT), env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env["PYTHONSAFEPATH"] = "1"  # Python 3.11+: the current folder cannot shadow the engine on PYTHONPATH
         self._events = queue.Queue()
         self.ready = False
         self._pending = []
@@ -238,12 +243,12 @@ class WorkerClient:
             self.mismatch = None  # the user may have fixed the environment: try a fresh worker
         self.start()
         targets = targets_of(prompts)
-        job = Job(next(self._ids), model, prompts, volume, targets, on_progress=on_progress, on_done=on_done)
+        job = Job(next(self._ids), model, prompts, volume, targets, session, on_progress=on_progress, on_done=on_done)
         try:
             message = {"op": "segment", "id": job.id, "model": model, "prompts": [],
                        "device": device, "threshold": threshold, "keep_largest": keep_largest,
                        "fill_holes": fill_holes, "weights": weights, "options": options or {},
-                       "region": (region or Region()).to_dict(), "session": session}
+                       "region": region.to_dict() if region is not None else None, "session": session}
             for p in prompts:
                 entry = prompt_to_dict(p)
                 if isinstance(p, MaskPrompt):
@@ -264,8 +269,9 @@ class WorkerClient:
                 job.blocks.append(prob_block)
                 message["probabilities"] = protocol.array_spec(prob_block, out_shape, np.float32)
                 job.outputs["probabilities"] = (prob_block, out_shape, np.float32)
-            if session is not None:
+            if session is not None:  # kept while the job is queued (so clicks can follow); dropped if it fails
                 self.sessions[session] = shape
+            job.message = message
             self._jobs[job.id] = job
             self._send(message)
         except BaseException:
@@ -345,6 +351,9 @@ class WorkerClient:
             if event == "error":
                 self.log.append(f"[client] worker error without a job: {msg.get('error')}")
             return
+        if event == "started":
+            job.state = "running"
+            return
         if event in ("queued", "progress"):
             if event == "progress":
                 job.state = "running"
@@ -353,9 +362,18 @@ class WorkerClient:
             if job.on_progress:
                 job.on_progress(job)
         elif event == "result":
-            self._finish(job, result=self._collect(job, msg))
+            try:
+                result = self._collect(job, msg)
+            except Exception as exc:  # a malformed result must end the job, never leave it "running"
+                self._finish(job, error=BiomedSegError(f"The worker's result could not be read ({exc}).",
+                                                       hint="See the worker log; please report it."))
+                return
+            self._finish(job, result=result)
         elif event == "error":
-            self._finish(job, error=error_from_dict(msg.get("error") or {}))
+            error = error_from_dict(msg.get("error") or {})
+            if job.session is not None and (job.volume is not None or "is not open" in error.message):
+                self.sessions.pop(job.session, None)  # the worker holds no image for it now
+            self._finish(job, error=error)
 
     def _collect(self, job: Job, msg: dict) -> SegmentationResult:
         """Copy the masks out of shared memory (the one copy back) into Segments."""
@@ -367,7 +385,8 @@ class WorkerClient:
         if "probabilities" in job.outputs:
             pblock, pshape, pdtype = job.outputs["probabilities"]
             arr = np.ndarray(pshape, pdtype, buffer=pblock.buf)
-            probs = {t: arr[i].copy() for i, t in enumerate(job.targets)}
+            kept = set(msg.get("probability_targets", job.targets))
+            probs = {t: arr[i].copy() for i, t in enumerate(job.targets) if t in kept}
         del masks
         return SegmentationResult(segments, list(msg.get("absent", [])), job.model, msg.get("device", ""),
                                   msg.get("device_reason", ""), float(msg.get("seconds", 0.0)), probs,
@@ -410,15 +429,20 @@ class WorkerClient:
                 code = None
         time.sleep(0.05)  # let the log reader catch the last lines
         tail = "\n".join(list(self.log)[-10:])
+        was_ready = self.ready
         self._kill()
+        waiting = []
         for job in list(self._jobs.values()):
             if job.cancel_requested_at is not None:
                 self._finish(job, error=CancelledError("Segmentation was cancelled; nothing was written."))
-            else:
+            elif job.state == "running" or not was_ready:  # a worker that never started would fail again
                 self._finish(job, error=WorkerCrashedError(
                     f"The worker process stopped unexpectedly (exit code {code}).",
                     hint=f"The next request starts a new worker. Last log lines:\n{tail}" if tail
                     else "The next request starts a new worker."))
+            else:
+                waiting.append(job)
+        self._resubmit(waiting)  # jobs that only waited behind it did not crash anything
 
     def _watchdog(self) -> None:
         """Kill a worker that hangs: silent too long, not ready in time, or ignoring a cancel."""
@@ -431,19 +455,42 @@ class WorkerClient:
             reason = f"did not start within {self.startup_timeout:.0f} s"
         elif active and now - self._last_message_at > self.stall_timeout:
             reason = f"stopped answering for {self.stall_timeout:.0f} s"
-        for job in active:
-            if job.cancel_requested_at is not None and now - job.cancel_requested_at > self.cancel_grace:
+        for job in active:  # a queued job's cancel waits for its turn (the worker skips it); a running one may not
+            if (job.state == "running" and job.cancel_requested_at is not None
+                    and now - job.cancel_requested_at > self.cancel_grace):
                 self._kill()
-                for j in active:
-                    self._finish(j, error=CancelledError(
-                        "Segmentation was cancelled (the worker was stopped to cancel it); nothing was written."))
+                self._finish(job, error=CancelledError(
+                    "Segmentation was cancelled (the worker was stopped to cancel it); nothing was written."))
+                self._resubmit([j for j in active if j is not job])
                 return
         if reason:
             tail = "\n".join(list(self.log)[-10:])
+            was_ready = self.ready
             self._kill()
             for job in active:
-                self._finish(job, error=WorkerCrashedError(f"The worker {reason} and was stopped.",
-                                                           hint=f"The next request starts a new worker. {tail}"))
+                if job.state == "running" or not was_ready:
+                    self._finish(job, error=WorkerCrashedError(f"The worker {reason} and was stopped.",
+                                                               hint=f"The next request starts a new worker. {tail}"))
+            self._resubmit([j for j in active if not j.finished])
+
+    def _resubmit(self, jobs: list) -> None:
+        """Send the jobs that were only queued in a worker that had to be stopped to a fresh one, in
+        order; those already cancelled end as cancelled. Their blocks still hold their data."""
+        waiting = []
+        for job in sorted(jobs, key=lambda j: j.id):
+            if job.cancel_requested_at is not None:
+                self._finish(job, error=CancelledError("Segmentation was cancelled; nothing was written."))
+            elif job.session is not None and job.volume is None:  # its session's image died with the worker
+                self._finish(job, error=InputError(f"Session '{job.session}' ended with the worker.",
+                                                   hint="Send the image again to open it."))
+            else:
+                waiting.append(job)
+        if not waiting:
+            return
+        self.start()
+        for job in waiting:
+            job.state = "queued"
+            self._send(job.message)
 
     # ---- blocking conveniences -------------------------------------------------------------
     def wait(self, job: Job, timeout: float | None = None) -> SegmentationResult:

@@ -61,13 +61,17 @@ def _version_tuple(text) -> tuple:
 
 
 def check_handshake(ready: dict, version: str, engine_root: str, python: str) -> str | None:
-    """None when the worker that sent ``ready`` speaks this client's protocol and version, else a
-    sentence that says which side is out of date and what to do."""
+    """None when the worker that sent ``ready`` runs this client's engine (same protocol, version and
+    folder), else a sentence that says which side is out of date, or which copy shadows which."""
     theirs = ready.get("protocol")
     their_version = ready.get("version", "unknown")
-    if theirs == PROTOCOL_VERSION and their_version == version:
-        return None
     where = ready.get("engine_root") or "an unknown location"
+    if theirs == PROTOCOL_VERSION and their_version == version:
+        if _same_folder(where, engine_root):
+            return None
+        return (f"The worker Python '{python}' imported the BiomedSeg engine from {where}, not from {engine_root} "
+                "like this side: another copy (a checkout or an installed package) shadows this one there. "
+                "Remove or update that copy, or start from a folder that holds none.")
     side = "worker" if _version_tuple(their_version) < _version_tuple(version) else "client"
     what = (f"The worker Python '{python}' runs BiomedSeg {their_version} (protocol {theirs or 1}) from {where}, "
             f"but this side is BiomedSeg {version} (protocol {PROTOCOL_VERSION}) from {engine_root}.")
@@ -78,6 +82,13 @@ def check_handshake(ready: dict, version: str, engine_root: str, python: str) ->
         todo = ("This side is older than the worker: update the BiomedSeg extension or checkout here (and restart "
                 "Slicer), or choose a worker Python with this version.")
     return what + " " + todo
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 # ---- shared memory ---------------------------------------------------------------------

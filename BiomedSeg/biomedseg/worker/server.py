@@ -96,6 +96,11 @@ class WorkerServer:
             self.send({"id": job_id, "event": "cancel_ack", "target": message.get("target"),
                        "found": flag is not None})
         elif op in ("segment", "unload", "status", "shutdown", "echo", "echo_file", "forget", "close_session"):
+            if op == "close_session":
+                from ..engine import SESSIONS
+
+                self.send({"id": job_id, "event": "session_closed",
+                           "found": str(message.get("session")) in SESSIONS.sessions})
             if op == "segment":
                 if not isinstance(job_id, (int, str)):
                     raise protocol.ProtocolError("a segment request needs an 'id'")
@@ -125,11 +130,10 @@ class WorkerServer:
                     SESSIONS.close_all()
                     unload_all()
                     self.send({"id": message.get("id"), "event": "unloaded"})
-                elif op == "close_session":
+                elif op == "close_session":  # answered by the reader at once; the session goes here, in order
                     from ..engine import SESSIONS
 
-                    closed = SESSIONS.close(str(message.get("session")))
-                    self.send({"id": message.get("id"), "event": "session_closed", "found": closed})
+                    SESSIONS.close(str(message.get("session")))
                 elif op == "forget":  # the client unlinked these blocks
                     self.attached.forget([n for n in message.get("blocks", []) if isinstance(n, str)])
                 elif op in ("echo", "echo_file"):
@@ -148,6 +152,9 @@ class WorkerServer:
         flag = self.cancel_flags.get(job_id) or threading.Event()
         started = time.monotonic()
         try:
+            if flag.is_set():  # cancelled while it waited in the queue: nothing ran
+                raise CancelledError("Segmentation was cancelled before it started; nothing was written.")
+            self.send({"id": job_id, "event": "started"})
             volume, prompts, targets, outputs = self._open_job(message)
             last = [0.0]
 
@@ -172,6 +179,7 @@ class WorkerServer:
                 "absent": result.absent, "absent_reasons": result.absent_reasons,
                 "labels": [label.to_dict() for label in result.labels],
                 "findings": [finding.to_dict() for finding in result.findings], "report": result.report,
+                "probability_targets": [t for t in targets if t in result.probabilities],
                 "device": result.device, "device_reason": result.device_reason,
                 "seconds": round(time.monotonic() - started, 3)}))
         except BiomedSegError as err:
@@ -290,9 +298,11 @@ class WorkerServer:
 
         kwargs = {k: message[k] for k in ("device", "threshold", "keep_largest", "fill_holes", "weights")
                   if message.get(k) is not None}
+        region = message.get("region")
         return segment(volume, message["model"], prompts, progress=progress, cancelled=cancelled,
                        keep_probabilities=message.get("probabilities") is not None,
-                       options=dict(message.get("options") or {}), region=Region.from_dict(message.get("region")),
+                       options=dict(message.get("options") or {}),
+                       region=None if region is None else Region.from_dict(region),
                        session=message.get("session"), **kwargs)
 
     @staticmethod
@@ -303,7 +313,8 @@ class WorkerServer:
             for seg in result.segments:
                 masks[targets.index(seg.name)] = seg.mask
         probs = outputs.get("probabilities")
-        if probs is not None:
+        if probs is not None:  # the block is the client's, reused from job to job: nothing of an old job stays
+            probs[...] = 0
             for i, target in enumerate(targets):
                 if target in result.probabilities:
                     probs[i] = result.probabilities[target]

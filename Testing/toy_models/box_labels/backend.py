@@ -28,6 +28,8 @@ class BoxLabels(Backend):
         for n, box in enumerate(prompts.boxes):
             region = volume.array[box_slices(volume, box)]
             score = float(np.clip((region.mean() - lo) / max(hi - lo, 1e-9), 0, 1))
+            if plan.details["broken_scores"]:
+                score = float("nan")
             labels += [Label("bright", score, box.target), Label("dark", 1 - score, box.target)]
             voxels[box.target] = int(region.size)
             progress("looking in boxes", n + 1, len(prompts.boxes))

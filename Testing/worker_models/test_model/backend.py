@@ -1,7 +1,8 @@
 """A backend whose behaviour the tests choose, to exercise the worker's failure paths.
 
 Every mode does real work on the volume it receives (so geometry and transport are
-checked), then slows down, crashes, hangs, prints or runs out of memory as asked.
+checked), then slows down, crashes, hangs, prints or runs out of memory as asked
+($TEST_MODEL_LOAD_OOM: out of memory while loading).
 """
 import os
 import signal
@@ -26,6 +27,8 @@ class TestBackend(Backend):
     __test__ = False  # not a pytest class
 
     def load(self, context):
+        if os.environ.get("TEST_MODEL_LOAD_OOM"):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB while loading (simulated)")
         self.weights = context.weights
 
     def plan(self, volume, prompts, options, *, plane="axial"):
@@ -36,6 +39,8 @@ class TestBackend(Backend):
         mode, steps, step_s = options["mode"], options["steps"], options["step_s"]
         if mode == "oom" and (options["always_oom"] or plan.batch_size > 2):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        if mode == "memory_error" and plan.batch_size > 1:
+            raise MemoryError("Unable to allocate 40.0 GiB for an array with shape (100000, 100000) (simulated)")
         if mode == "error":
             raise ValueError("simulated bug in a backend")
         for step in range(steps):
