@@ -251,7 +251,7 @@ def test_patient_space_mask_survives_every_file(tmp_path, name, direction, write
     outputs = {
         "seg.nrrd": (tmp_path / "out.seg.nrrd", read_seg_nrrd_slicerio),
         "nii.gz": (tmp_path / "out.nii.gz", read_nifti_both),
-        "nrrd": (tmp_path / "out.nrrd", read_nrrd_both),
+        "nrrd": (tmp_path / "out_nrrd.nrrd", read_nrrd_both),  # its own label tables: not out.labels.json
     }
     for label, (path, reader) in outputs.items():
         written = write_segmentation(path, volume, {"sphere": read_mask})
@@ -324,8 +324,9 @@ def written_outputs(tmp_path, request):
     volume = read_volume(source)
     mask = volume.array.astype(bool)
     paths = {}
-    for suffix in (".seg.nrrd", ".nii.gz", ".nrrd"):
-        paths[suffix] = write_segmentation(tmp_path / f"out{suffix}", volume, {"sphere": mask})[0]
+    for suffix in (".seg.nrrd", ".nii.gz", ".nrrd"):  # the two labelmaps each get their own label tables
+        stem = "out_nrrd" if suffix == ".nrrd" else "out"
+        paths[suffix] = write_segmentation(tmp_path / f"{stem}{suffix}", volume, {"sphere": mask})[0]
     paths["image.nii"] = write_volume(tmp_path / "image.nii", volume.with_array(mask.astype(np.int16)))
     return volume, paths
 

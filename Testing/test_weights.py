@@ -103,3 +103,66 @@ def test_small_hub_files_named_by_git_hash_are_not_checked(tmp_path, monkeypatch
     cached = _fake_hub_cache(tmp_path / "hub", spec["repo"], "vocab.json", b"{}", "b" * 40)
     assert hub_content_sha256(cached) is None
     assert resolve_weights(spec, offline=True) == [cached]
+
+
+# ---- an explicit --weights is used or refused, never replaced ----------------------------------
+def test_explicit_weights_are_never_replaced_by_another_source(tmp_path, monkeypatch, capsys):
+    """deepbet with --weights FILE used the packaged weights and exited 0; hermes with --weights MISSING
+    took $BIOMEDSEG_WEIGHTS_DIR/hermes_resunet.pth. Both now refuse, naming the file (exit 3)."""
+    from biomedseg.cli import main
+
+    image = tmp_path / "img.nii.gz"
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.int16), np.eye(4)), image)
+    any_file = tmp_path / "any.pt"
+    any_file.write_bytes(b"whatever")
+    assert main(["segment", str(image), "--prompt", "brain", "--weights", str(any_file), "-o",
+                 str(tmp_path / "a.seg.nrrd")]) == 3
+    err = capsys.readouterr().err
+    assert f"'{any_file}' is one file, but this model needs bbox_model.pt, model.pt" in err
+    elsewhere = tmp_path / "weights_dir"
+    elsewhere.mkdir()
+    (elsewhere / "hermes_resunet.pth").write_bytes(b"would be taken before")
+    monkeypatch.setenv("BIOMEDSEG_WEIGHTS_DIR", str(elsewhere))
+    missing = tmp_path / "nonexistent.pth"
+    assert main(["segment", str(image), "--model", "hermes", "--prompt", "liver", "--modality", "CT",
+                 "--weights", str(missing), "-o", str(tmp_path / "h.seg.nrrd")]) == 3
+    assert f"'{missing}' does not exist" in capsys.readouterr().err
+    assert list(p.name for p in tmp_path.iterdir() if p.suffix == ".nrrd") == []
+
+
+def test_torchscript_from_outside_the_package_must_be_the_known_files(tmp_path, monkeypatch):
+    """TorchScript runs code when loaded (weights_only does not cover it): a user folder is used only
+    when its files have the catalogue's checksums."""
+    import shutil
+
+    from biomedseg.catalog import get_model
+
+    monkeypatch.setenv("BIOMEDSEG_CACHE", str(tmp_path / "cache"))
+    spec = get_model("deepbet").weights
+    packaged = resolve_weights(spec)
+    same = tmp_path / "copy"
+    same.mkdir()
+    for path in packaged:
+        shutil.copy(path, same / path.name)
+    assert [p.name for p in resolve_weights(spec, local_path=same)] == ["bbox_model.pt", "model.pt"]
+    (same / "model.pt").write_bytes((same / "model.pt").read_bytes() + b"\0")  # any change: other code
+    with pytest.raises(WeightsMissingError, match="model.pt' is TorchScript, which runs its own code") as err:
+        resolve_weights(spec, local_path=same)
+    assert "its sha256 differs" in str(err.value) and "drop --weights" in err.value.hint
+    monkeypatch.setenv("BIOMEDSEG_WEIGHTS_DIR", str(same))  # the same rule for the weights folder
+    with pytest.raises(WeightsMissingError, match="runs its own code"):
+        resolve_weights(spec)
+
+
+def test_a_damaged_weights_file_names_itself(tmp_path, monkeypatch):
+    """Not a checkpoint at all: the error names the file (it was 'Internal error in the worker')."""
+    from biomedseg.engine import load_backend
+    from biomedseg.errors import InputError
+
+    bad = tmp_path / "hermes_resunet.pth"
+    bad.write_bytes(b"<html>not a checkpoint</html>")
+    with pytest.raises((WeightsMissingError, InputError), match=str(bad)):
+        load_backend("hermes", "cpu", str(bad))

@@ -41,7 +41,7 @@ def small_volume(shape=(12, 14, 16), seed=0) -> Volume:
 def assert_blocks_only_pooled(client):
     """No job holds a block and every block on the system is the client's idle pool."""
     assert client.pool.in_use == {}
-    assert set(protocol.list_blocks()) <= {b.name for b in client.pool.idle}
+    assert set(protocol.list_blocks(os.getpid())) <= {b.name for b in client.pool.idle}
 
 
 def expected_sphere(volume, centre, radius):
@@ -197,17 +197,21 @@ def test_malformed_and_oversized_requests_are_rejected_without_killing_the_worke
     base = {"op": "segment", "model": "test-model", "prompts": ["t"], "ijk_to_ras": good.ijk_to_ras.ravel().tolist()}
     block = protocol.create_block(16)
     try:
+        mine_but_gone = f"bmseg_{os.getpid()}_dead"
         bad_requests = [
-            {**base, "id": 11, "input": {"shm": "bmseg_1_dead", "shape": [2, 2, 2], "dtype": "int16"},
-             "output": {"shm": "bmseg_1_dead", "shape": [1, 2, 2, 2], "dtype": "uint8"}},
+            {**base, "id": 11, "input": {"shm": mine_but_gone, "shape": [2, 2, 2], "dtype": "int16"},
+             "output": {"shm": mine_but_gone, "shape": [1, 2, 2, 2], "dtype": "uint8"}},
             {**base, "id": 12, "input": protocol.array_spec(block, (100, 100, 100), np.int16),
              "output": protocol.array_spec(block, (1, 2, 2, 2), np.uint8)},
             {**base, "id": 13, "input": {"shm": block.name, "shape": [2, 2, 2], "dtype": "object"},
              "output": protocol.array_spec(block, (1, 2, 2, 2), np.uint8)},
             {**base, "id": 14, "input": {"shm": "/etc/passwd", "shape": [2], "dtype": "uint8"},
              "output": protocol.array_spec(block, (1, 2, 2, 2), np.uint8)},
+            {**base, "id": 15, "input": {"shm": "bmseg_1_0123abcd", "shape": [2, 2, 2], "dtype": "int16"},
+             "output": protocol.array_spec(block, (1, 2, 2, 2), np.uint8)},
         ]
-        expected = ["not found", "needs 2000000 bytes", "not allowed", "not a BiomedSeg shared-memory block"]
+        expected = ["not found", "needs 2000000 bytes", "input/dtype: 'object' is not one of",
+                    "input/shm: '/etc/passwd' does not match", "is not one of this client's"]
         for request, text in zip(bad_requests, expected):
             msg = _raw(client, protocol.encode(request), reply_id=request["id"])
             assert msg["error"]["kind"] == "bad_input" and text in msg["error"]["message"], msg
@@ -378,7 +382,7 @@ def test_hundred_runs_with_cancels_and_kills_leave_nothing_behind():
     finally:
         client.close()
     assert outcomes == {"done": 70, "cancelled": 20, "crashed": 10}
-    assert protocol.list_blocks() == []  # the pool is unlinked on close
+    assert protocol.list_blocks(os.getpid()) == []  # the pool is unlinked on close (only ours: others may run)
     time.sleep(0.2)
     leftover = [p for p in me.children(recursive=True) if p.pid not in before_children
                 and p.status() != psutil.STATUS_ZOMBIE and "biomedseg.worker" in " ".join(p.cmdline())]
@@ -415,7 +419,7 @@ def test_blocks_are_reused_and_trimmed_pool_is_forgotten_by_worker(client):
     assert {b.name for b in client.pool.idle} == first  # same blocks, no new pages
     client.pool.max_idle_bytes = 0  # next give-back trims everything
     client.run(vol, "test-model", ["target"], timeout=60, options={"radius": 5.0})
-    assert client.pool.idle == [] and protocol.list_blocks() == []
+    assert client.pool.idle == [] and protocol.list_blocks(os.getpid()) == []
     assert client.request("ping")["pid"]  # the forget message was accepted
 
 
@@ -483,3 +487,24 @@ def test_a_worker_that_imports_another_copy_of_the_engine_is_refused(tmp_path):
         assert not record.exists() or record.read_text() == ""
     finally:
         client.close()
+
+
+def test_a_worker_python_without_the_engines_packages_is_a_missing_dependency(tmp_path, colin_path, capsys):
+    """It used to be 'worker crashed' (exit 1); the package and the Python are named, exit 3."""
+    import venv
+
+    from biomedseg.cli import main
+    from biomedseg.errors import DependencyMissingError
+
+    venv.create(tmp_path / "bare", with_pip=False)
+    bare = str(tmp_path / "bare" / "bin" / "python")
+    client = WorkerClient(python=bare)
+    try:
+        with pytest.raises(DependencyMissingError, match="lacks the package 'numpy'") as err:
+            client.run(small_volume(), "test-model", ["t"], timeout=60)
+        assert bare in str(err.value) and "pip install numpy" in err.value.hint
+    finally:
+        client.close()
+    rc = main(["segment", str(colin_path), "--prompt", "brain", "--worker-python", bare, "-o",
+               str(tmp_path / "x.seg.nrrd"), "-q"])
+    assert rc == 3 and "lacks the package 'numpy'" in capsys.readouterr().err

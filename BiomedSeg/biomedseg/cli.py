@@ -143,14 +143,19 @@ def cmd_segment(args) -> int:
     from .catalog import check_options, check_prompts, get_model
     from .io import read_volume, write_segmentation
     from .io.readers import suffix_of
-    from .io.writers import SEGMENTATION_SUFFIXES, write_result_json
+    from .io.atomic import check_target
+    from .io.writers import SEGMENTATION_SUFFIXES, outputs_for, write_result_json
 
     output = Path(args.output)
     if suffix_of(output) not in SEGMENTATION_SUFFIXES + (".json",):
         raise InputError(f"Output '{output}' must end in one of {', '.join(SEGMENTATION_SUFFIXES + ('.json',))}.")
-    for target in filter(None, [output, args.preview and Path(args.preview)]):
-        if target.exists() and not args.overwrite:
-            raise InputError(f"'{target}' already exists.", hint="Choose another name or pass --overwrite.")
+    if args.preview and suffix_of(args.preview) != ".png":
+        raise InputError(f"The preview '{args.preview}' must end in .png.")
+    if not (0.0 < args.threshold < 1.0):  # NaN and infinities too
+        raise InputError(f"Threshold {args.threshold} must lie strictly between 0 and 1.")
+    targets = [output] if suffix_of(output) == ".json" else outputs_for(output)
+    for target in targets + ([Path(args.preview)] if args.preview else []):
+        check_target(target, args.overwrite)  # before anything is read: a bad path costs nothing
     prompts = check_prompts(args.model, prompts_of(args))
     entry = get_model(args.model)
     options = model_options(args)
@@ -189,7 +194,7 @@ def cmd_segment(args) -> int:
     _report_extras(result, log)
     found = bool(result.segments or result.labels or result.findings)
     if suffix_of(output) == ".json":
-        written = [write_result_json(output, result)]  # with the reasons, even when nothing was found
+        written = [write_result_json(output, result, args.overwrite)]  # with the reasons, even if nothing was found
         if not found:
             print(f"error: nothing was found for {', '.join(map(repr, result.absent))}; {output} says why.",
                   file=sys.stderr)
@@ -200,12 +205,12 @@ def cmd_segment(args) -> int:
               file=sys.stderr)
         return 1
     else:
-        written = write_segmentation(output, volume, result.segments)
+        written = write_segmentation(output, volume, result.segments, overwrite=args.overwrite)
     if args.preview and result.segments:
         from .preview import render_preview
 
-        written.append(render_preview(args.preview, volume, result.segments,
-                                      title=f"{volume.name} - {args.model}"))
+        written.append(render_preview(args.preview, volume, result.segments, title=f"{volume.name} - {args.model}",
+                                      overwrite=args.overwrite))
     for seg in result.segments:
         log(f"segment '{seg.name}': {int(seg.mask.sum())} voxels")
     for path in written:

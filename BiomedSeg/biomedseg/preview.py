@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from .io.atomic import atomic_write
 from .segments import Segment
 from .volume import Volume
 
@@ -30,7 +31,8 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def render_preview(path: str | os.PathLike, volume: Volume, segments: list[Segment], title: str = "") -> Path:
+def render_preview(path: str | os.PathLike, volume: Volume, segments: list[Segment], title: str = "",
+                   overwrite: bool = False) -> Path:
     gray = volume.grayscale().astype(np.float32)
     union = np.zeros(volume.shape, bool)
     for s in segments:
@@ -68,7 +70,4 @@ def render_preview(path: str | os.PathLike, volume: Volume, segments: list[Segme
         draw.rectangle((10, y + 2, 20, y + 12), fill=color)
         draw.text((26, y), f"{s.name}: {int(s.mask.sum())} voxels, "
                            f"{s.mask.sum() * float(np.prod(volume.spacing)) / 1000:.1f} ml", fill=(255, 255, 255))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"), overwrite)

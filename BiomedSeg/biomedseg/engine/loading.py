@@ -13,9 +13,9 @@ import os
 from collections import OrderedDict
 
 from ..catalog import ModelEntry, get_model
-from ..errors import DependencyMissingError, InputError, WeightsMissingError
+from ..errors import BiomedSegError, DependencyMissingError, InputError, WeightsMissingError
 from ..models.base import LoadContext
-from ..runtime.device import free_memory_bytes, release_memory, resolve_device
+from ..runtime.device import free_memory_bytes, is_out_of_memory, release_memory, resolve_device
 from ..runtime.weights import resolve_weights
 
 #: Loaded backends, least recently used first; evicted when memory runs short.
@@ -74,8 +74,19 @@ def load_backend(model_id: str, device: str = "auto", weights: str | None = None
     backend = backend if backend is not None and backend.device == device else new_backend(entry, device)
     try:
         backend.load(LoadContext(model_id, device, list(paths), entry.folder, dict(entry.data)))
-    except FileNotFoundError as exc:
-        raise WeightsMissingError(f"Weights for '{model_id}' could not be opened: {exc}.") from None
+    except BiomedSegError:
+        raise
+    except OSError as exc:  # unreadable, vanished or not a file
+        raise WeightsMissingError(f"Weights for '{model_id}' could not be opened: "
+                                  f"{exc.filename or ', '.join(map(str, paths))}: {exc.strerror or exc}.",
+                                  hint="Check the file, or pass another one with --weights.") from None
+    except RuntimeError as exc:  # torch: not a checkpoint, truncated, another format
+        if is_out_of_memory(exc):
+            raise
+        raise WeightsMissingError(f"Weights for '{model_id}' could not be loaded from "
+                                  f"{', '.join(map(str, paths))}: {str(exc).splitlines()[0][:300]}.",
+                                  hint="The file is damaged or not this model's; download it again or pass "
+                                       "another one with --weights.") from None
     _WARM[warm_key(model_id, device, weights)] = backend
     return backend, reason
 

@@ -19,10 +19,11 @@ import time
 import numpy as np
 
 from ..catalog import check_options, check_prompts, get_model
-from ..errors import BiomedSegError, InputError, OutOfMemoryError
+from ..errors import BiomedSegError, CancelledError, InputError, OutOfMemoryError
 from ..geometry import Region, crop_volume, region_box, uncrop
 from ..prompts import crop_prompts, to_grid
 from ..results import ModelOutput, SegmentationResult
+from ..runtime.cancel import interruptible
 from ..runtime.device import device_kind, is_out_of_memory, release_memory, resolve_device
 from ..runtime.postprocess import postprocess
 from ..segments import Segment, prepare_segments
@@ -89,7 +90,10 @@ def segment(volume: Volume | None, model_id: str, prompts, *, device: str = "aut
         def runner(plan_now):
             return backend.run(work, grid, plan_now, progress=progress, cancelled=cancelled)
     planned = plan.batch_size
-    output, retries = run_with_memory_policy(runner, plan, entry.title, backend.device, progress)
+    with interruptible(backend.modules(), cancelled):
+        output, retries = run_with_memory_policy(runner, plan, entry.title, backend.device, progress)
+    if cancelled():
+        raise CancelledError("Segmentation was cancelled; nothing was written.")
     check_output(model_id, entry, output, grid.targets, work.shape)
     result = to_result(output, entry, volume, box, grid.targets, threshold, keep_largest, fill_holes,
                        keep_probabilities)

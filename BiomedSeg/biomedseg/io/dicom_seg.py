@@ -18,14 +18,15 @@ from .. import __version__
 from ..errors import DependencyMissingError, InputError
 from ..segments import Segment
 from ..volume import Volume
-from .atomic import partial_path
+from .atomic import atomic_write
 
 #: Options ``write_dicom_seg`` understands (anything else is refused, so typos surface).
 OPTIONS = ("series_description", "series_number", "content_label", "content_description",
            "content_creator_name")
 
 
-def write_dicom_seg(path: str | os.PathLike, reference: Volume, segments: list[Segment], **options) -> Path:
+def write_dicom_seg(path: str | os.PathLike, reference: Volume, segments: list[Segment], overwrite: bool = False,
+                    **options) -> Path:
     """Write ``segments`` (prepared, on ``reference``'s grid) as a binary DICOM SEG at ``path``.
 
     Options: ``series_description`` (default 'BiomedSeg segmentation'), ``series_number``
@@ -91,13 +92,7 @@ def write_dicom_seg(path: str | os.PathLike, reference: Volume, segments: list[S
         raise InputError(f"'{path}': the DICOM SEG cannot be built: {exc}") from None
     if "ContentCreatorName" not in dataset:  # type 2: present even when unknown
         dataset.ContentCreatorName = None
-    tmp = partial_path(path)
-    try:
-        dataset.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: dataset.save_as(tmp, enforce_file_format=True), overwrite)
 
 
 def _read_sources(files: list[str], reference: Volume, pydicom) -> list:

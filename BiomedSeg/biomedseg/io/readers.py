@@ -75,6 +75,53 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
     return volume
 
 
+#: Share of the available memory one image may take once read.
+MEMORY_SHARE = 0.8
+
+
+def check_declared_size(p: Path, shape, itemsize: int, stored_bytes: int | None = None) -> None:
+    """Before any voxel is read: the header's size must fit in the file and in memory.
+
+    A tiny file whose header declares 1000^3 floats would otherwise make the reader allocate
+    gigabytes (or die with a MemoryError) before noticing the data is not there."""
+    import math
+
+    import psutil
+
+    shape = [int(n) for n in shape]
+    need = math.prod(shape) * int(itemsize)
+    if stored_bytes is not None and need > stored_bytes:
+        raise InputError(f"'{p}': the voxel data cannot be read: the header declares {'x'.join(map(str, shape))} "
+                         f"voxels ({need:,} bytes), but the file holds {max(0, stored_bytes):,} bytes of them: the file is "
+                         "truncated or damaged, or its header is wrong.", hint="Export the image again.")
+    available = psutil.virtual_memory().available
+    if need > MEMORY_SHARE * available:
+        raise InputError(f"'{p}': reading it needs {need / 1e9:.1f} GB ({'x'.join(map(str, shape))} voxels), more "
+                         f"than the {available / 1e9:.1f} GB of memory available.",
+                         hint="Crop or downsample it first, or use a machine with more memory.")
+
+
+def _nrrd_itemsize(header: dict) -> int:
+    """Bytes per value of a NRRD header's 'type' (8, the largest, when it is not one we know)."""
+    kind = str(header.get("type", "")).lower().replace("signed ", "").replace("unsigned ", "u")
+    sizes = {"char": 1, "uchar": 1, "int8": 1, "uint8": 1, "int8_t": 1, "uint8_t": 1, "short": 2, "ushort": 2,
+             "int16": 2, "uint16": 2, "int16_t": 2, "uint16_t": 2, "short int": 2, "ushort int": 2, "int": 4,
+             "uint": 4, "int32": 4, "uint32": 4, "int32_t": 4, "uint32_t": 4, "float": 4, "double": 8}
+    return sizes.get(kind, 8)
+
+
+def _nifti_stored_bytes(p: Path, offset: int) -> int | None:
+    """Voxel bytes the file holds: its size for .nii; gzip's recorded length (mod 2^32) for .nii.gz."""
+    if suffix_of(p) == ".nii":
+        return p.stat().st_size - offset
+    try:
+        with open(p, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return int.from_bytes(f.read(4), "little") - offset
+    except OSError:
+        return None
+
+
 def _stem(p: Path) -> str:
     name = p.name
     for s in (".nii.gz", ".seg.nrrd") + READABLE:
@@ -98,6 +145,13 @@ def _read_nifti(p: Path) -> Volume:
         pixdim = np.asarray(raw_header["pixdim"][1:4], dtype=np.float64)
     except Exception:  # noqa: BLE001 -- nibabel itself read it; fall back to its header
         pixdim = np.asarray(img.header["pixdim"][1:4], dtype=np.float64)
+    header = img.header
+    slope, inter = header.get_slope_inter() if hasattr(header, "get_slope_inter") else (None, None)
+    scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
+    itemsize = max(img.get_data_dtype().itemsize, 8 if scaled else 1)  # scaled data comes back as float64
+    stored = _nifti_stored_bytes(p, int(header["vox_offset"])) if "vox_offset" in header else None
+    raw_bytes = int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+    check_declared_size(p, img.shape, itemsize, stored if stored is not None and raw_bytes < 2 ** 32 else None)
     n_spatial = min(3, len(img.shape))
     if not np.all(pixdim[:n_spatial] > 0) and int(img.header["sform_code"]) == 0:
         raise InputError(f"'{p}': voxel spacing must be positive, the header gives "
@@ -121,6 +175,11 @@ def _read_nifti(p: Path) -> Volume:
 def _read_nrrd(p: Path) -> Volume:
     import nrrd
 
+    try:
+        declared = nrrd.read_header(str(p))
+    except Exception as exc:
+        raise InputError(f"'{p}' is not a readable NRRD file ({exc}).") from None
+    check_declared_size(p, declared.get("sizes", [0]), _nrrd_itemsize(declared))  # pynrrd says when data is short
     try:
         data, header = nrrd.read(str(p), index_order="F")
     except Exception as exc:
@@ -148,6 +207,7 @@ def _sitk_read(p: Path):
         raise InputError(f"'{p}' cannot be read ({_first_line(exc)}).") from None
     _check_sitk_geometry(p, reader.GetSpacing(), reader.GetDimension(), reader.GetSize(),
                          reader.GetPixelIDValue(), reader.GetDirection(), reader.GetNumberOfComponents())
+    check_declared_size(p, list(reader.GetSize()) + [reader.GetNumberOfComponents()], 8)  # memory, at most 8 B
     try:
         image = reader.Execute()
     except RuntimeError as exc:

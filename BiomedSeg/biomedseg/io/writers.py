@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import InputError
 from ..segments import Segment, prepare_segments
 from ..volume import Volume, nrrd_header, to_nibabel, to_sitk
-from .atomic import partial_path
+from .atomic import atomic_write, check_target
 from .readers import suffix_of
 
 log = logging.getLogger(__name__)
@@ -26,28 +26,40 @@ log = logging.getLogger(__name__)
 SEGMENTATION_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".dcm")
 
 
+def outputs_for(path: str | os.PathLike) -> list[Path]:
+    """Every file ``write_segmentation(path, ...)`` writes: a labelmap has its label tables beside it."""
+    path = Path(path)
+    if suffix_of(path) in (".nii.gz", ".nii", ".nrrd"):
+        base = _sidecar_base(path)
+        return [path, base.with_name(base.name + ".labels.json"), base.with_name(base.name + ".labels.csv")]
+    return [path]
+
+
 def write_segmentation(path: str | os.PathLike, reference: Volume,
-                       segments: Mapping[str, np.ndarray] | Iterable[Segment], **options) -> list[Path]:
+                       segments: Mapping[str, np.ndarray] | Iterable[Segment], overwrite: bool = False,
+                       **options) -> list[Path]:
     """Write segments on ``reference``'s grid to ``path``; returns every file written.
 
     ``.seg.nrrd``: Slicer segmentation with names, colours, label values and terminology.
     ``.nii.gz``/``.nii``/``.nrrd``: labelmap plus ``.labels.json`` and ``.labels.csv``
     (Slicer colour table with terminology) beside it. ``.dcm``: DICOM SEG, needs a
-    reference read from DICOM.
+    reference read from DICOM. No file (label tables included) replaces an existing one unless
+    ``overwrite``; every file is written whole or not at all (``atomic``).
     """
     path = Path(path)
     suffix = suffix_of(path)
     if suffix not in SEGMENTATION_SUFFIXES:
         raise InputError(f"'{path}': cannot write segmentations as '{suffix}'; use one of "
                          f"{', '.join(SEGMENTATION_SUFFIXES)}.")
+    for target in outputs_for(path):
+        check_target(target, overwrite)
     prepared = prepare_segments(segments, reference.shape, where=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".seg.nrrd":
-        return [write_seg_nrrd(path, reference, prepared)]
+        return [write_seg_nrrd(path, reference, prepared, overwrite)]
     if suffix == ".dcm":
         from .dicom_seg import write_dicom_seg
-        return [write_dicom_seg(path, reference, prepared, **options)]
-    return write_labelmap(path, reference, prepared)
+        return [write_dicom_seg(path, reference, prepared, overwrite=overwrite, **options)]
+    return write_labelmap(path, reference, prepared, overwrite)
 
 
 def reference_geometry_string(reference: Volume) -> str:
@@ -60,7 +72,7 @@ def reference_geometry_string(reference: Volume) -> str:
     return f"{values};0;{i - 1};0;{j - 1};0;{k - 1};"
 
 
-def write_seg_nrrd(path: Path, reference: Volume, segments: list[Segment]) -> Path:
+def write_seg_nrrd(path: Path, reference: Volume, segments: list[Segment], overwrite: bool = False) -> Path:
     import slicerio
 
     k, j, i = reference.shape
@@ -81,13 +93,7 @@ def write_seg_nrrd(path: Path, reference: Volume, segments: list[Segment]) -> Pa
         "name": "Reference image geometry", "value": reference_geometry_string(reference),
         "description": "Image geometry description string determining the geometry of the labelmap "
                        "that is created in course of conversion."}]
-    tmp = partial_path(path)
-    try:
-        slicerio.write_segmentation(str(tmp), segmentation)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation), overwrite)
 
 
 def _segment_id(name: str, segmentation: dict) -> str:
@@ -121,15 +127,13 @@ def label_table_rows(segments: list[Segment]) -> list[dict]:
              "terminology": s.terminology} for s in segments]
 
 
-def write_labelmap(path: Path, reference: Volume, segments: list[Segment]) -> list[Path]:
+def write_labelmap(path: Path, reference: Volume, segments: list[Segment], overwrite: bool = False) -> list[Path]:
     labels = labelmap_array(reference, segments)
-    written = [write_volume(path, reference.with_array(labels, name=reference.name))]
-    base = _sidecar_base(path)
-    json_path = base.with_name(base.name + ".labels.json")
-    json_path.write_text(json.dumps({"labelmap": path.name, "labels": label_table_rows(segments)}, indent=2))
-    csv_path = base.with_name(base.name + ".labels.csv")
-    write_color_table_csv(csv_path, segments)
-    return written + [json_path, csv_path]
+    _, json_path, csv_path = outputs_for(path)
+    table = json.dumps({"labelmap": path.name, "labels": label_table_rows(segments)}, indent=2)
+    return [write_volume(path, reference.with_array(labels, name=reference.name), overwrite),
+            atomic_write(json_path, lambda tmp: tmp.write_text(table), overwrite),
+            atomic_write(csv_path, lambda tmp: write_color_table_csv(tmp, segments), overwrite)]
 
 
 def _sidecar_base(path: Path) -> Path:
@@ -159,47 +163,34 @@ def write_color_table_csv(path: Path, segments: list[Segment]) -> Path:
     return path
 
 
-def write_volume(path: str | os.PathLike, volume: Volume) -> Path:
-    """Write an image (or labelmap) keeping its exact geometry: NIfTI, NRRD or MHA."""
+def write_volume(path: str | os.PathLike, volume: Volume, overwrite: bool = False) -> Path:
+    """Write an image (or labelmap) keeping its exact geometry: NIfTI, NRRD or MHA (whole or not at all)."""
     path = Path(path)
     suffix = suffix_of(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
-    try:
-        if suffix in (".nii", ".nii.gz"):
-            import nibabel as nib
-            nib.save(to_nibabel(volume), str(tmp.with_name(tmp.name + suffix)))
-            os.replace(tmp.with_name(tmp.name + suffix), path)
-        elif suffix == ".nrrd":
-            import nrrd
-            array = volume.array.astype(np.uint8) if volume.array.dtype == bool else volume.array
-            data = np.transpose(array, (3, 2, 1, 0) if volume.channels_last else (2, 1, 0))
-            header = nrrd_header(volume)
-            if volume.channels_last:
-                header["kinds"] = ["vector", "domain", "domain", "domain"]
-            header["encoding"] = "gzip"
-            nrrd.write(str(tmp), np.ascontiguousarray(data), header, index_order="F")
-            os.replace(tmp, path)
-        elif suffix in (".mha", ".mhd"):
-            import SimpleITK as sitk
-            sitk.WriteImage(to_sitk(volume), str(path), useCompression=True)
-        else:
-            raise InputError(f"'{path}': cannot write images as '{suffix}'; use .nii.gz, .nrrd or .mha.")
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_name(tmp.name + suffix).unlink(missing_ok=True)
-    return path
+    if suffix in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        return atomic_write(path, lambda tmp: nib.save(to_nibabel(volume), str(tmp)), overwrite)
+    if suffix == ".nrrd":
+        import nrrd
+
+        array = volume.array.astype(np.uint8) if volume.array.dtype == bool else volume.array
+        data = np.ascontiguousarray(np.transpose(array, (3, 2, 1, 0) if volume.channels_last else (2, 1, 0)))
+        header = nrrd_header(volume)
+        if volume.channels_last:
+            header["kinds"] = ["vector", "domain", "domain", "domain"]
+        header["encoding"] = "gzip"
+        return atomic_write(path, lambda tmp: nrrd.write(str(tmp), data, header, index_order="F"), overwrite)
+    if suffix == ".mha":
+        import SimpleITK as sitk
+
+        return atomic_write(path, lambda tmp: sitk.WriteImage(to_sitk(volume), str(tmp), useCompression=True),
+                            overwrite)
+    raise InputError(f"'{path}': cannot write images as '{suffix}'; use .nii.gz, .nrrd or .mha.")
 
 
-def write_result_json(path: str | os.PathLike, result) -> Path:
+def write_result_json(path: str | os.PathLike, result, overwrite: bool = False) -> Path:
     """A run's result without voxels (segments with voxel counts, absent targets with reasons,
     labels, findings, what the engine and the model decided) as JSON, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
-    try:
-        tmp.write_text(json.dumps(result.summary_dict(), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    text = json.dumps(result.summary_dict(), indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text), overwrite)

@@ -34,7 +34,8 @@ Lifecycle, per run:
    ``prompts`` are on *its* grid, so indices from ``plan`` do not carry over; returns a
    ``ModelOutput`` keyed by ``prompts.targets`` on that volume's grid. Call
    ``progress(stage, done, total)`` between units of work and stop with ``CancelledError`` when
-   ``cancelled()`` is true. Out-of-memory errors propagate (the engine handles them).
+   ``cancelled()`` is true; list the torch modules it uses in ``modules()`` and the engine also
+   stops inside their forward passes. Out-of-memory errors propagate (the engine handles them).
 
 Interactive models (``"interactive": true``) also implement ``open_session(volume, plan,
 progress=, cancelled=)`` returning a ``Session``: it keeps the image embedding warm, and each
@@ -117,3 +118,8 @@ class Backend:
 
     def release(self) -> None:
         """Drop caches before the engine evicts this model (optional)."""
+
+    def modules(self) -> list:
+        """The torch modules ``run`` computes with; the engine checks for a cancel before each of their
+        submodules runs (``runtime.cancel``), so Cancel stops inside a long forward pass."""
+        return []

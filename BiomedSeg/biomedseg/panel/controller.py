@@ -296,7 +296,7 @@ class PanelController:
                                  "images to refer to.", hint="Export as .seg.nrrd or .nii.gz instead.")
             reference.meta["dicom_files"] = order_dicom_files(reference, files)
         segments = slicer_bridge.segments_from_node(segmentation_node, reference, segment_ids)
-        return write_segmentation(path, reference, segments)
+        return write_segmentation(path, reference, segments, overwrite=True)  # the save dialog asked already
 
 
 __all__ = ["PanelController", "PollResult"]

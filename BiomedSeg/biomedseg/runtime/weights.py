@@ -69,16 +69,23 @@ def _hub_cached(spec: dict) -> list[Path] | None:
 
 
 def weights_state(spec: dict, local_path: str | os.PathLike | None = None) -> dict:
-    """Where the weights are on this machine, without downloading or hashing anything."""
-    candidates = []
+    """Where the weights are on this machine, without downloading or hashing anything.
+
+    An explicit ``local_path`` (--weights) is the only place looked at: it is used or refused,
+    never replaced by another source."""
     if local_path:
-        candidates.append(Path(local_path))
-    if os.environ.get("BIOMEDSEG_WEIGHTS_DIR"):
-        candidates.append(Path(os.environ["BIOMEDSEG_WEIGHTS_DIR"]))
-    for local in candidates:
+        local = Path(local_path)
         found = _from_local(spec, local)
         if found:
-            return {"present": True, "paths": [str(p) for p in found], "detail": f"local file(s) in {local}"}
+            return {"present": True, "paths": [str(p) for p in found], "detail": f"local file(s) in {local}",
+                    "local": True}
+        return {"present": False, "paths": [], "local": True, "detail": _local_miss(spec, local)}
+    if os.environ.get("BIOMEDSEG_WEIGHTS_DIR"):
+        local = Path(os.environ["BIOMEDSEG_WEIGHTS_DIR"])
+        found = _from_local(spec, local)
+        if found:
+            return {"present": True, "paths": [str(p) for p in found], "detail": f"local file(s) in {local}",
+                    "local": True}
     if spec["source"] == "package":
         found = [_package_file(spec["package"], f) for f in spec["files"]]
         if all(found):
@@ -99,16 +106,28 @@ def weights_state(spec: dict, local_path: str | os.PathLike | None = None) -> di
             "detail": spec.get("instructions", "pass the weights file with --weights")}
 
 
+def _local_miss(spec: dict, local: Path) -> str:
+    names = ", ".join(Path(f).name for f in spec["files"])
+    if local.is_file() and len(spec["files"]) > 1:
+        return f"'{local}' is one file, but this model needs {names}: pass a folder that holds them"
+    if local.is_dir():
+        return f"'{local}' does not hold {names}"
+    return f"'{local}' does not exist"
+
+
 def resolve_weights(spec: dict, local_path: str | os.PathLike | None = None, offline: bool | None = None,
                     token: str | None = None) -> list[Path]:
-    """Paths of the weight files, downloading from the hub when allowed; verified if sha256 is known."""
+    """Paths of the weight files, downloading from the hub when allowed; verified if sha256 is known.
+
+    Each file must be readable; a file that runs code when loaded (``spec['code']``: TorchScript) is
+    taken from outside its package only when its sha256 is one ``spec['file_sha256']`` lists."""
     state = weights_state(spec, local_path)
     if state["present"]:
         paths = [Path(p) for p in state["paths"]]
     elif local_path:
-        raise WeightsMissingError(
-            f"Weights {', '.join(spec['files'])} were not found at '{local_path}'.",
-            hint="Pass the checkpoint file itself, or a folder that holds it.")
+        raise WeightsMissingError(f"Weights {', '.join(spec['files'])} were not found at '{local_path}': "
+                                  f"{state['detail']}.",
+                                  hint="Pass the checkpoint file itself, or a folder that holds every file it needs.")
     elif spec["source"] == "hub":
         paths = _download(spec, offline_mode(offline), token)
     else:
@@ -117,6 +136,12 @@ def resolve_weights(spec: dict, local_path: str | os.PathLike | None = None, off
             f"Weights {', '.join(spec['files'])} are not on this machine"
             f"{' (looked in ' + ', '.join(looked) + ')' if looked else ''}.",
             hint=state["detail"])
+    for path in paths:
+        if not os.access(path, os.R_OK):
+            raise WeightsMissingError(f"The weights file '{path}' cannot be read (permission denied).",
+                                      hint="Make it readable for this user, or pass another file with --weights.")
+    if spec.get("code") and state.get("local"):
+        _check_trusted_code(spec, paths)
     if spec.get("sha256") and len(paths) == 1:
         verify_sha256(paths[0], spec["sha256"])
     elif spec["source"] == "hub":
@@ -125,6 +150,21 @@ def resolve_weights(spec: dict, local_path: str | os.PathLike | None = None, off
             if expected:
                 verify_sha256(path, expected)
     return paths
+
+
+def _check_trusted_code(spec: dict, paths: list[Path]) -> None:
+    """Weight files that are programs (TorchScript runs its own code when loaded; ``weights_only`` does not
+    apply to it): from outside the package, only the very files the catalogue's checksums name."""
+    known = spec.get("file_sha256") or {}
+    for path in paths:
+        expected = known.get(path.name)
+        if expected is None or sha256_of(path) != expected:
+            raise WeightsMissingError(
+                f"'{path}' is TorchScript, which runs its own code when loaded, and it is not the file BiomedSeg "
+                f"knows ({'no checksum is listed for it' if expected is None else 'its sha256 differs'}).",
+                hint=f"Use the files inside the '{spec.get('package', 'model')}' package (drop --weights), or check "
+                     "where this file came from: BiomedSeg loads TorchScript only from the package or with the "
+                     "catalogue's checksum.")
 
 
 def hub_content_sha256(path: Path) -> str | None:

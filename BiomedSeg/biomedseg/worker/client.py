@@ -9,9 +9,10 @@ Handshake: nothing is sent to a new worker before its ``ready`` line says it run
 engine's version and protocol; a stale worker (an older environment, another checkout) is
 stopped and every waiting job fails with a ``WorkerMismatchError`` that says which side to
 update. Failure handling: a worker that exits mid-job fails the job with its exit code and last
-log lines, and the next request starts a fresh one; a worker silent for longer than
-``stall_timeout`` (or not stopping within ``cancel_grace`` of a cancel) is killed with its
-children. Shared-memory blocks belong to the client: reused from job to job (fresh pages
+log lines, and the next request starts a fresh one; a worker whose heartbeat stops for
+``hang_timeout`` (stopped, frozen), whose job sends nothing for ``stall_timeout``, or that does
+not stop within ``cancel_grace`` of a cancel is killed with its children. Jobs that only waited
+in its queue are sent again to the fresh worker. Shared-memory blocks belong to the client: reused from job to job (fresh pages
 cost more than the copy), never in use by two jobs, and unlinked when the client closes.
 """
 from __future__ import annotations
@@ -21,68 +22,46 @@ import collections
 import itertools
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .. import __version__
-from ..errors import BiomedSegError, CancelledError, InputError, WorkerCrashedError, WorkerMismatchError, error_from_dict
+from ..errors import (BiomedSegError, CancelledError, DependencyMissingError, InputError, WorkerCrashedError,
+                      WorkerMismatchError, error_from_dict)
 from ..geometry import Region
 from ..prompts import MaskPrompt, prompt_to_dict, targets_of
-from ..results import Finding, Label, SegmentationResult
-from ..segments import Segment
+from ..results import SegmentationResult
 from ..volume import Volume
 from . import protocol
+from .jobs import Job, collect_result
 
 ENGINE_ROOT = Path(__file__).resolve().parents[2]  # folder that holds the biomedseg package
+#: A worker whose heartbeat (every second) is missing this long is stopped or frozen: killed.
+HANG_AFTER_S = 5.0
+#: A running job that has not stopped this long after its cancel is stopped by killing the worker.
+CANCEL_GRACE_S = 0.5
+#: import name -> pip name, where they differ (for the "install it there" hint)
+PIP_NAMES = {"SimpleITK": "SimpleITK", "yaml": "pyyaml", "PIL": "pillow", "nrrd": "pynrrd", "sklearn": "scikit-learn"}
 
 
-@dataclass
-class Job:
-    id: int
-    model: str
-    prompts: list
-    volume: Volume | None
-    #: result names in order (text prompts are their own targets)
-    targets: list[str] = field(default_factory=list)
-    #: the interactive session it runs in, if any
-    session: str | None = None
-    state: str = "queued"  # queued, running, done, failed, cancelled
-    stage: str = ""
-    done: int = 0
-    total: int = 0
-    elapsed: float = 0.0
-    eta: float | None = None
-    result: SegmentationResult | None = None
-    error: BiomedSegError | None = None
-    cancel_requested_at: float | None = None
-    cancel_acknowledged: bool = False
-    on_progress: Callable | None = None
-    on_done: Callable | None = None
-    blocks: list = field(default_factory=list)
-    outputs: dict = field(default_factory=dict)
-    #: the request as sent, so a queued job can be sent again to a fresh worker
-    message: dict = field(default_factory=dict)
-    submitted_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("done", "failed", "cancelled")
 
 
 class WorkerClient:
     def __init__(self, python: str | None = None, env: dict | None = None, startup_timeout: float = 120.0,
-                 stall_timeout: float = 600.0, cancel_grace: float = 5.0, log_lines: int = 200):
+                 stall_timeout: float = 600.0, cancel_grace: float = CANCEL_GRACE_S, log_lines: int = 200,
+                 hang_timeout: float = HANG_AFTER_S):
         self.python = python or os.environ.get("BIOMEDSEG_WORKER_PYTHON") or sys.executable
         self.env = env
         self.startup_timeout = startup_timeout
         self.stall_timeout = stall_timeout
+        self.hang_timeout = hang_timeout
         self.cancel_grace = cancel_grace
         self.proc: subprocess.Popen | None = None
         self.ready = False
@@ -93,11 +72,14 @@ class WorkerClient:
         self._ids = itertools.count(1)
         self._started_at = 0.0
         self._last_message_at = 0.0
+        self._last_heard_at = 0.0
         self._write_lock = threading.Lock()
         self.pool = protocol.BlockPool()
         #: messages held until the worker's ready line passed the handshake
         self._pending: list[dict] = []
         self.mismatch: WorkerMismatchError | None = None
+        #: why the last worker ended (a crash, or a package its Python lacks)
+        self.last_death: BiomedSegError | None = None
         #: open interactive sessions: id -> image shape (the worker keeps the image)
         self.sessions: dict[str, tuple] = {}
         atexit.register(self.close)
@@ -111,6 +93,7 @@ class WorkerClient:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ENGINE_ROOT), env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
         env["PYTHONSAFEPATH"] = "1"  # Python 3.11+: the current folder cannot shadow the engine on PYTHONPATH
+        env["BIOMEDSEG_CLIENT_PID"] = str(os.getpid())  # the worker maps only this process's blocks
         self._events = queue.Queue()
         self.ready = False
         self._pending = []
@@ -124,7 +107,7 @@ class WorkerClient:
                                      hint="Choose a Python executable that has torch installed "
                                           "(--worker-python or BIOMEDSEG_WORKER_PYTHON).") from None
         self.worker_pid = self.proc.pid
-        self._started_at = self._last_message_at = time.monotonic()
+        self._started_at = self._last_message_at = self._last_heard_at = time.monotonic()
         threading.Thread(target=self._read_stdout, args=(self.proc, self._events), daemon=True,
                          name="biomedseg-worker-out").start()
         threading.Thread(target=self._read_stderr, args=(self.proc,), daemon=True,
@@ -326,7 +309,9 @@ class WorkerClient:
             except queue.Empty:
                 break
             handled += 1
-            self._last_message_at = time.monotonic()
+            self._last_heard_at = time.monotonic()
+            if not (kind == "message" and payload.get("event") == "heartbeat"):
+                self._last_message_at = self._last_heard_at
             if kind == "message":
                 self._handle(payload)
             elif kind == "garbage":
@@ -338,6 +323,8 @@ class WorkerClient:
 
     def _handle(self, msg: dict) -> None:
         event = msg.get("event")
+        if event == "heartbeat":
+            return
         if event == "ready":
             self._on_ready(msg)
             return
@@ -363,7 +350,7 @@ class WorkerClient:
                 job.on_progress(job)
         elif event == "result":
             try:
-                result = self._collect(job, msg)
+                result = collect_result(job, msg)
             except Exception as exc:  # a malformed result must end the job, never leave it "running"
                 self._finish(job, error=BiomedSegError(f"The worker's result could not be read ({exc}).",
                                                        hint="See the worker log; please report it."))
@@ -374,26 +361,6 @@ class WorkerClient:
             if job.session is not None and (job.volume is not None or "is not open" in error.message):
                 self.sessions.pop(job.session, None)  # the worker holds no image for it now
             self._finish(job, error=error)
-
-    def _collect(self, job: Job, msg: dict) -> SegmentationResult:
-        """Copy the masks out of shared memory (the one copy back) into Segments."""
-        block, shape, dtype = job.outputs["output"]
-        masks = np.ndarray(shape, dtype, buffer=block.buf)
-        segments = [Segment(s["name"], masks[s["index"]].astype(bool), tuple(s["color"]), s["terminology"],
-                            s.get("label")) for s in msg["segments"]]
-        probs = {}
-        if "probabilities" in job.outputs:
-            pblock, pshape, pdtype = job.outputs["probabilities"]
-            arr = np.ndarray(pshape, pdtype, buffer=pblock.buf)
-            kept = set(msg.get("probability_targets", job.targets))
-            probs = {t: arr[i].copy() for i, t in enumerate(job.targets) if t in kept}
-        del masks
-        return SegmentationResult(segments, list(msg.get("absent", [])), job.model, msg.get("device", ""),
-                                  msg.get("device_reason", ""), float(msg.get("seconds", 0.0)), probs,
-                                  dict(msg.get("absent_reasons") or {}),
-                                  [Label.from_dict(x) for x in msg.get("labels") or []],
-                                  [Finding.from_dict(x) for x in msg.get("findings") or []],
-                                  dict(msg.get("report") or {}))
 
     def _recycle(self, blocks: list) -> None:
         """Blocks the worker is done with go back to the pool; trimmed ones are forgotten there too."""
@@ -431,15 +398,23 @@ class WorkerClient:
         tail = "\n".join(list(self.log)[-10:])
         was_ready = self.ready
         self._kill()
+        crash = WorkerCrashedError(f"The worker process stopped unexpectedly (exit code {code}).",
+                                   hint=f"The next request starts a new worker. Last log lines:\n{tail}" if tail
+                                   else "The next request starts a new worker.")
+        missing = re.search(r"ModuleNotFoundError: No module named '([\w.]+)'", tail) if not was_ready else None
+        if missing:  # the worker's Python cannot even import the engine
+            package = missing.group(1).split(".")[0]
+            crash = DependencyMissingError(
+                f"The worker Python '{self.python}' cannot start the engine: it lacks the package '{package}'.",
+                hint=f"Install it there ({self.python} -m pip install {PIP_NAMES.get(package, package)}), or choose "
+                     "another worker Python.")
+        self.last_death = crash
         waiting = []
         for job in list(self._jobs.values()):
             if job.cancel_requested_at is not None:
                 self._finish(job, error=CancelledError("Segmentation was cancelled; nothing was written."))
             elif job.state == "running" or not was_ready:  # a worker that never started would fail again
-                self._finish(job, error=WorkerCrashedError(
-                    f"The worker process stopped unexpectedly (exit code {code}).",
-                    hint=f"The next request starts a new worker. Last log lines:\n{tail}" if tail
-                    else "The next request starts a new worker."))
+                self._finish(job, error=crash)
             else:
                 waiting.append(job)
         self._resubmit(waiting)  # jobs that only waited behind it did not crash anything
@@ -453,6 +428,8 @@ class WorkerClient:
         reason = None
         if not self.ready and now - self._started_at > self.startup_timeout:
             reason = f"did not start within {self.startup_timeout:.0f} s"
+        elif self.ready and now - self._last_heard_at > self.hang_timeout:
+            reason = f"stopped answering (no heartbeat for {self.hang_timeout:.0f} s: stopped or frozen)"
         elif active and now - self._last_message_at > self.stall_timeout:
             reason = f"stopped answering for {self.stall_timeout:.0f} s"
         for job in active:  # a queued job's cancel waits for its turn (the worker skips it); a running one may not
@@ -543,6 +520,7 @@ class WorkerClient:
                 kind, payload = self._events.get(timeout=0.1)
             except queue.Empty:
                 continue
+            self._last_heard_at = time.monotonic()
             if kind == "message" and payload.get("id") == rid:
                 return payload
             if kind == "message" and payload.get("event") == "ready":
@@ -552,7 +530,9 @@ class WorkerClient:
                 continue
             if kind == "eof":
                 self._worker_died()
-                raise WorkerCrashedError(f"The worker exited while answering '{op}'.")
+                if isinstance(self.last_death, DependencyMissingError):
+                    raise self.last_death
+                raise WorkerCrashedError(f"The worker exited while answering '{op}'.", hint=self.last_death.hint)
             if kind == "message":
                 self._handle(payload)
         raise TimeoutError(f"worker did not answer '{op}' within {timeout} s")

@@ -25,7 +25,7 @@ PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 1 << 20
 #: Shared-memory names: prefix + owner pid, so leftovers of a dead owner can be swept.
 SHM_PREFIX = "bmseg"
-_NAME_RE = re.compile(rf"^{SHM_PREFIX}_(\d+)_[0-9a-f]+$")
+_NAME_RE = re.compile(rf"{SHM_PREFIX}_(\d+)_[0-9a-f]+")  # always fullmatch: no trailing newline slips through
 _TRACKER_LOCK = threading.Lock()
 ALLOWED_DTYPES = {"uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64", "bool", "int64",
                   "uint64", "float16"}
@@ -102,14 +102,23 @@ def create_block(nbytes: int) -> shared_memory.SharedMemory:
     return shared_memory.SharedMemory(name=new_block_name(), create=True, size=max(1, int(nbytes)))
 
 
-def attach_block(name: str) -> shared_memory.SharedMemory:
-    """Map a block someone else owns, without taking ownership.
+def block_owner(name) -> int | None:
+    """The pid a block name says created it, or None when it is not a BiomedSeg block name."""
+    match = _NAME_RE.fullmatch(name.lstrip("/")) if isinstance(name, str) else None
+    return int(match.group(1)) if match else None
+
+
+def attach_block(name: str, owner_pid: int | None = None) -> shared_memory.SharedMemory:
+    """Map a block someone else owns, without taking ownership; with ``owner_pid``, only that process's.
 
     Python < 3.13 registers attached blocks with this process's resource tracker, which
     would unlink them when this process exits; the owner must stay the only one to unlink.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name.lstrip("/")):
-        raise ProtocolError(f"'{name}' is not a BiomedSeg shared-memory block name")
+    owner = block_owner(name)
+    if owner is None:
+        raise ProtocolError(f"{str(name)[:80]!r} is not a BiomedSeg shared-memory block name")
+    if owner_pid is not None and owner != owner_pid:
+        raise ProtocolError(f"block '{name}' is not one of this client's (process {owner_pid})")
     if sys.version_info >= (3, 13):
         return shared_memory.SharedMemory(name=name, track=False)
     # Python 3.11/3.12 (cpython issue 82300): registering would also start a tracker
@@ -176,14 +185,16 @@ class BlockPool:
 class AttachedBlocks:
     """Worker side: mappings of the client's blocks, kept while the client reuses them."""
 
-    def __init__(self, limit: int = 16):
+    def __init__(self, limit: int = 16, owner_pid: int | None = None):
         self.limit = limit
+        #: the client's pid: only its blocks are mapped (None: any BiomedSeg block, for tools and tests)
+        self.owner_pid = owner_pid
         self.blocks: dict[str, shared_memory.SharedMemory] = {}
 
     def get(self, name: str) -> shared_memory.SharedMemory:
         block = self.blocks.pop(name, None)
         if block is None:
-            block = attach_block(name)
+            block = attach_block(name, self.owner_pid)
         self.blocks[name] = block  # most recent last
         while len(self.blocks) > self.limit:
             release(self.blocks.pop(next(iter(self.blocks))), unlink=False)
@@ -234,12 +245,14 @@ def check_spec(spec) -> tuple[np.dtype, tuple[int, ...]]:
     return np.dtype(spec["dtype"]), tuple(shape)
 
 
-def list_blocks() -> list[str]:
-    """Our blocks currently in /dev/shm (Linux); empty where the OS has no such folder."""
+def list_blocks(owner_pid: int | None = None) -> list[str]:
+    """BiomedSeg blocks currently in /dev/shm (Linux), all or those of one process; empty where the OS
+    has no such folder."""
     try:
-        return sorted(n for n in os.listdir("/dev/shm") if _NAME_RE.match(n))
+        names = os.listdir("/dev/shm")
     except FileNotFoundError:
         return []
+    return sorted(n for n in names if block_owner(n) is not None and owner_pid in (None, block_owner(n)))
 
 
 def sweep_stale_blocks() -> list[str]:
@@ -248,7 +261,7 @@ def sweep_stale_blocks() -> list[str]:
 
     removed = []
     for name in list_blocks():
-        pid = int(_NAME_RE.match(name).group(1))
+        pid = block_owner(name)
         if not psutil.pid_exists(pid):
             try:
                 os.unlink(os.path.join("/dev/shm", name))

@@ -4,7 +4,13 @@ Started as ``python -m biomedseg.worker`` with any Python that has torch. It rea
 lines on stdin and answers on the original stdout; anything a library prints goes to
 stderr instead, so it cannot corrupt the protocol. A reader thread answers ``ping`` and
 ``cancel`` at once even while a job runs; jobs queue and run in order on the main
-thread. When stdin closes (the client went away) the worker exits.
+thread; a heartbeat thread says every ``HEARTBEAT_S`` that the process is alive, whatever the
+job does, so a stopped or frozen worker is found in seconds. When stdin closes (the client
+went away) the worker exits at once, even in the middle of a job.
+
+Every line is parsed and checked against its op's schema (``worker.messages``) before anything
+acts on it; whatever is wrong with a line becomes a bad-request reply and the worker keeps
+serving. Only the client's own shared-memory blocks are mapped ($BIOMEDSEG_CLIENT_PID).
 
 Its first line, ``ready``, carries the engine's version, the protocol version and where the
 engine was imported from, so the client can refuse a stale worker with a clear message.
@@ -21,37 +27,56 @@ import sys
 import threading
 import time
 import traceback
-
 from pathlib import Path
 
 from .. import __version__
 from ..errors import BiomedSegError, CancelledError, InputError
-from . import protocol
+from . import messages, protocol
 
 log = logging.getLogger("biomedseg.worker")
 
 PROGRESS_INTERVAL_S = 0.1
+#: Seconds between heartbeats (the client declares a hang after a few missed ones).
+HEARTBEAT_S = 1.0
+#: echo_file (bench/transport.py's file round trip) reads and writes only under this folder, when set.
+FILE_ECHO_DIR = "BIOMEDSEG_FILE_ECHO_DIR"
 
 
 class WorkerServer:
-    def __init__(self, infile, outfile):
+    def __init__(self, infile, outfile, client_pid: int | None = None, exit_on_eof: bool = True):
         self.infile = infile
         self.outfile = outfile
         self.write_lock = threading.Lock()
         self.jobs: queue.Queue = queue.Queue()
         self.cancel_flags: dict = {}
         self.flags_lock = threading.Lock()
-        self.attached = protocol.AttachedBlocks()
+        self.attached = protocol.AttachedBlocks(owner_pid=client_pid)
+        self.exit_on_eof = exit_on_eof
+        self.alive = True
 
     # ---- sending ----------------------------------------------------------------------
     def send(self, message: dict) -> None:
-        data = protocol.encode(message)
+        """One line to the client; a reply that cannot be encoded becomes a short error, never an exception."""
+        try:
+            data = protocol.encode(message)
+        except (protocol.ProtocolError, ValueError, TypeError) as exc:
+            data = protocol.encode({"id": messages.safe_id(message), "event": "error", "error": InputError(
+                f"The reply could not be sent ({messages.clip(exc, 200)}).").to_dict()})
         with self.write_lock:
             self.outfile.write(data)
             self.outfile.flush()
 
     def send_error(self, job_id, err: BiomedSegError) -> None:
         self.send({"id": job_id, "event": "error", "error": err.to_dict()})
+
+    def heartbeat(self) -> None:
+        """Say we are alive every HEARTBEAT_S, independently of the job thread."""
+        while self.alive:
+            time.sleep(HEARTBEAT_S)
+            try:
+                self.send({"event": "heartbeat", "busy": bool(self.cancel_flags)})
+            except (BrokenPipeError, OSError):
+                return
 
     # ---- reading (own thread) -----------------------------------------------------------
     def _read_lines(self):
@@ -71,81 +96,97 @@ class WorkerServer:
 
     def reader(self) -> None:
         for line in self._read_lines():
-            job_id = None
+            message = None
             try:
                 if line is None:
-                    raise protocol.ProtocolError(
-                        f"message exceeds the {protocol.MAX_MESSAGE_BYTES}-byte limit; voxels go through shared memory")
-                message = protocol.decode(line)
-                job_id = message.get("id")
-                self.dispatch(message)
+                    raise protocol.ProtocolError(f"message exceeds the {protocol.MAX_MESSAGE_BYTES}-byte limit; "
+                                                 "voxels go through shared memory")
+                message = messages.parse(line)
+                self.dispatch(messages.check(message))
             except protocol.ProtocolError as exc:
-                self.send_error(job_id, InputError(f"Rejected request: {exc}."))
-        self.jobs.put({"op": "shutdown"})
+                self.send_error(messages.safe_id(message), InputError(f"Rejected request: {exc}."))
+            except Exception as exc:  # noqa: BLE001 -- nothing a client sends may stop the reader
+                traceback.print_exc(file=sys.stderr)
+                self.send_error(messages.safe_id(message), InputError(
+                    f"Rejected request: {type(exc).__name__}: {messages.clip(exc, 200)}."))
+        self.end_of_input()
+
+    def end_of_input(self) -> None:
+        """The client closed our stdin: it is gone, so nothing we compute can reach it. Stop now."""
+        self.alive = False
+        if not self.exit_on_eof:
+            self.jobs.put({"op": "shutdown"})
+            return
+        sys.stderr.flush()
+        os._exit(0)
 
     def dispatch(self, message: dict) -> None:
-        op = message.get("op")
+        op = message["op"]
         job_id = message.get("id")
         if op == "ping":
             self.send({"id": job_id, "event": "pong", "pid": os.getpid(), "busy": bool(self.cancel_flags)})
         elif op == "cancel":
             with self.flags_lock:
-                flag = self.cancel_flags.get(message.get("target"))
+                flag = self.cancel_flags.get(message["target"])
             if flag is not None:
                 flag.set()
-            self.send({"id": job_id, "event": "cancel_ack", "target": message.get("target"),
-                       "found": flag is not None})
-        elif op in ("segment", "unload", "status", "shutdown", "echo", "echo_file", "forget", "close_session"):
+            self.send({"id": job_id, "event": "cancel_ack", "target": message["target"], "found": flag is not None})
+        else:
             if op == "close_session":
                 from ..engine import SESSIONS
 
-                self.send({"id": job_id, "event": "session_closed",
-                           "found": str(message.get("session")) in SESSIONS.sessions})
+                self.send({"id": job_id, "event": "session_closed", "found": message["session"] in SESSIONS.sessions})
             if op == "segment":
-                if not isinstance(job_id, (int, str)):
-                    raise protocol.ProtocolError("a segment request needs an 'id'")
                 with self.flags_lock:
                     self.cancel_flags[job_id] = threading.Event()
                 self.send({"id": job_id, "event": "queued", "position": self.jobs.qsize()})
             self.jobs.put(message)
-        else:
-            raise protocol.ProtocolError(f"unknown op {op!r}")
 
     # ---- running (main thread) ----------------------------------------------------------
     def serve(self) -> None:
         self.send({"event": "ready", "pid": os.getpid(), "python": sys.executable, "version": __version__,
                    "protocol": protocol.PROTOCOL_VERSION, "engine_root": str(Path(__file__).resolve().parents[2])})
         threading.Thread(target=self.reader, name="biomedseg-reader", daemon=True).start()
+        threading.Thread(target=self.heartbeat, name="biomedseg-heartbeat", daemon=True).start()
         while True:
             message = self.jobs.get()
             op = message.get("op")
             if op == "shutdown":
+                self.alive = False
                 return
             try:
-                if op == "segment":
-                    self.run_segment(message)
-                elif op == "unload":
-                    from ..engine import SESSIONS, unload_all
-
-                    SESSIONS.close_all()
-                    unload_all()
-                    self.send({"id": message.get("id"), "event": "unloaded"})
-                elif op == "close_session":  # answered by the reader at once; the session goes here, in order
-                    from ..engine import SESSIONS
-
-                    SESSIONS.close(str(message.get("session")))
-                elif op == "forget":  # the client unlinked these blocks
-                    self.attached.forget([n for n in message.get("blocks", []) if isinstance(n, str)])
-                elif op in ("echo", "echo_file"):
-                    self.run_echo(message)
-                elif op == "status":
-                    from ..engine import SESSIONS, warm_models
-
-                    self.send({"id": message.get("id"), "event": "status", "warm": warm_models(),
-                               "sessions": SESSIONS.describe()})
+                self.run(message)
+            except Exception as exc:  # noqa: BLE001 -- one request's failure never ends the worker
+                traceback.print_exc(file=sys.stderr)
+                self.send_error(messages.safe_id(message), BiomedSegError(
+                    f"Internal error in the worker: {type(exc).__name__}: {messages.clip(exc, 300)}",
+                    hint="See the worker log; please report it."))
             finally:
                 with self.flags_lock:
                     self.cancel_flags.pop(message.get("id"), None)
+
+    def run(self, message: dict) -> None:
+        op, job_id = message["op"], message.get("id")
+        if op == "segment":
+            self.run_segment(message)
+        elif op == "unload":
+            from ..engine import SESSIONS, unload_all
+
+            SESSIONS.close_all()
+            unload_all()
+            self.send({"id": job_id, "event": "unloaded"})
+        elif op == "close_session":  # answered by the reader at once; the session goes here, in order
+            from ..engine import SESSIONS
+
+            SESSIONS.close(message["session"])
+        elif op == "forget":  # the client unlinked these blocks
+            self.attached.forget(message["blocks"])
+        elif op in ("echo", "echo_file"):
+            self.run_echo(message)
+        elif op == "status":
+            from ..engine import SESSIONS, warm_models
+
+            self.send({"id": job_id, "event": "status", "warm": warm_models(), "sessions": SESSIONS.describe()})
 
     def run_segment(self, message: dict) -> None:
         job_id = message["id"]
@@ -206,9 +247,10 @@ class WorkerServer:
                 import nibabel as nib
                 import numpy as np
 
-                img = nib.load(message["input_path"])
+                source, target = (self._echo_path(message[k]) for k in ("input_path", "output_path"))
+                img = nib.load(source)
                 labels = (np.asanyarray(img.dataobj) > threshold).astype(np.uint8)
-                nib.save(nib.Nifti1Image(labels, img.affine), message["output_path"])
+                nib.save(nib.Nifti1Image(labels, img.affine), target)
             else:
                 import numpy as np
 
@@ -223,6 +265,18 @@ class WorkerServer:
             self.send_error(job_id, InputError(f"Rejected echo request: shared-memory block not found ({exc})."))
         except (KeyError, OSError, protocol.ProtocolError) as exc:
             self.send_error(job_id, InputError(f"Rejected echo request: {exc}."))
+
+    @staticmethod
+    def _echo_path(path: str) -> str:
+        """A path echo_file may touch: inside the folder $BIOMEDSEG_FILE_ECHO_DIR names, or none at all."""
+        folder = os.environ.get(FILE_ECHO_DIR)
+        if not folder:
+            raise protocol.ProtocolError("echo_file is off (it reads and writes files; bench/transport.py turns it "
+                                         f"on for its own folder with ${FILE_ECHO_DIR})")
+        real, root = os.path.realpath(path), os.path.realpath(folder)
+        if os.path.commonpath([real, root]) != root:
+            raise protocol.ProtocolError(f"echo_file works only inside {root}")
+        return real
 
     def _open_job(self, message):
         """The request's volume (None for a session re-run), typed prompts, targets and output views."""
@@ -328,7 +382,8 @@ def main(argv=None) -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
     outfile = os.fdopen(proto_fd, "wb", buffering=0)
-    server = WorkerServer(sys.stdin.buffer, outfile)
+    client_pid = os.environ.get("BIOMEDSEG_CLIENT_PID")
+    server = WorkerServer(sys.stdin.buffer, outfile, client_pid=int(client_pid) if client_pid else None)
     try:
         server.serve()
     except BrokenPipeError:

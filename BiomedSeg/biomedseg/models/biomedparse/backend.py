@@ -156,6 +156,9 @@ class BiomedParseBackend(Backend):
     def release(self) -> None:
         self.cache.clear()
 
+    def modules(self) -> list:
+        return [self.model] if self.model is not None else []
+
     # ---- planning ---------------------------------------------------------------------------
     def plan(self, volume: Volume, prompts: PromptSet, options: dict, *, plane: str = "axial") -> Plan:
         """Settle modality, site and sizes from the (type-checked) options; InputError, no heavy work."""

@@ -108,6 +108,9 @@ class HermesBackend(Backend):
         self.weights_path = str(context.weights[0])
         self.net = load_hermes_r(context.weights[0], self.device)
 
+    def modules(self) -> list:
+        return [self.net] if self.net is not None else []
+
     def plan(self, volume: Volume, prompts, options: dict, *, plane: str = "axial") -> Plan:
         """Check options and prompts and settle everything ``run`` will use; no heavy work."""
         from .preprocess import SCHEMES

@@ -1,0 +1,67 @@
+"""A job as the client tracks it, and its result read back out of shared memory."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import BiomedSegError
+from ..results import Finding, Label, SegmentationResult
+from ..segments import Segment
+from ..volume import Volume
+
+
+@dataclass
+class Job:
+    id: int
+    model: str
+    prompts: list
+    volume: Volume | None
+    #: result names in order (text prompts are their own targets)
+    targets: list[str] = field(default_factory=list)
+    #: the interactive session it runs in, if any
+    session: str | None = None
+    state: str = "queued"  # queued, running, done, failed, cancelled
+    stage: str = ""
+    done: int = 0
+    total: int = 0
+    elapsed: float = 0.0
+    eta: float | None = None
+    result: SegmentationResult | None = None
+    error: BiomedSegError | None = None
+    cancel_requested_at: float | None = None
+    cancel_acknowledged: bool = False
+    on_progress: Callable | None = None
+    on_done: Callable | None = None
+    blocks: list = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)
+    #: the request as sent, so a queued job can be sent again to a fresh worker
+    message: dict = field(default_factory=dict)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+
+def collect_result(job: Job, msg: dict) -> SegmentationResult:
+    """Copy the masks (and the probabilities the worker wrote) out of shared memory: the one copy back."""
+    block, shape, dtype = job.outputs["output"]
+    masks = np.ndarray(shape, dtype, buffer=block.buf)
+    segments = [Segment(s["name"], masks[s["index"]].astype(bool), tuple(s["color"]), s["terminology"],
+                        s.get("label")) for s in msg["segments"]]
+    probs = {}
+    if "probabilities" in job.outputs:
+        pblock, pshape, pdtype = job.outputs["probabilities"]
+        arr = np.ndarray(pshape, pdtype, buffer=pblock.buf)
+        kept = set(msg.get("probability_targets", job.targets))
+        probs = {t: arr[i].copy() for i, t in enumerate(job.targets) if t in kept}
+    del masks
+    return SegmentationResult(segments, list(msg.get("absent", [])), job.model, msg.get("device", ""),
+                              msg.get("device_reason", ""), float(msg.get("seconds", 0.0)), probs,
+                              dict(msg.get("absent_reasons") or {}),
+                              [Label.from_dict(x) for x in msg.get("labels") or []],
+                              [Finding.from_dict(x) for x in msg.get("findings") or []],
+                              dict(msg.get("report") or {}))
