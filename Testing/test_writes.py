@@ -148,3 +148,35 @@ def test_bad_targets_and_values_fail_in_words_before_anything_runs(tmp_path, col
 def test_check_target_accepts_a_new_file_in_a_folder_to_be_made(tmp_path):
     assert check_target(tmp_path / "new" / "deeper" / "x.seg.nrrd") == tmp_path / "new" / "deeper" / "x.seg.nrrd"
     assert atomic_write(tmp_path / "new" / "x.json", lambda tmp: tmp.write_text("{}")).read_text() == "{}"
+
+
+@pytest.mark.parametrize("edge,expected", [(1000, "truncated or damaged, or its header is wrong"),
+                                           (30000, "more than the")])
+def test_a_header_that_declares_more_than_the_file_holds_is_refused_before_allocating(tmp_path, capsys, edge,
+                                                                                       expected):
+    """An 85-byte .nii.gz declaring 1000^3 float32 drove the CLI to 4 GB; 30000^3 gave a MemoryError."""
+    import gzip
+    import resource
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((edge, edge, edge))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    bomb = tmp_path / "bomb.nii.gz"
+    with gzip.open(bomb, "wb") as f:
+        f.write(header.binaryblock + b"\0" * 4)
+    assert bomb.stat().st_size < 200
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(["segment", str(bomb), "--prompt", "brain", "-o", str(tmp_path / "x.seg.nrrd")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing big was allocated
+
+
+def test_running_out_of_memory_at_every_batch_is_exit_4_through_the_worker(tmp_path, colin_path, capsys):
+    from conftest import worker_test_models
+
+    with worker_test_models():
+        rc = main(["segment", str(colin_path), "--model", "test-model", "--prompt", "t", "--option", "mode=oom",
+                   "--option", "always_oom=true", "-o", str(tmp_path / "x.seg.nrrd"), "-q"])
+    assert rc == 4 and "ran out of memory" in capsys.readouterr().err
