@@ -59,7 +59,7 @@ def test_cancel_p95_under_a_second_and_no_queued_job_lost(colin_path, hermes_che
                 t0 = time.monotonic()
                 client.wait(submit(), timeout=300)
                 durations[name] = time.monotonic() - t0
-            cases, wanted = [], {"test-model": 30, "deepbet": 10, "hermes": 10}
+            cases, wanted = [], {"test-model": 34, "deepbet": 8, "hermes": 8}
             for name, n in wanted.items():
                 landed = 0
                 for _ in range(3 * n):

@@ -143,3 +143,18 @@ def test_undeclared_option_is_refused_before_any_weights_or_reading(model, colin
         assert main(["segment", str(colin_path), "--prompt", "brain", "--modality", "CT", "-o",
                      str(tmp_path / "x.seg.nrrd")]) == 2
         assert "has no option 'modality'" in capsys.readouterr().err
+
+
+def test_empty_weights_and_oversized_prompts_are_refused_the_same_in_process_and_in_the_worker(colin_path, tmp_path,
+                                                                                               capsys):
+    out = str(tmp_path / "x.seg.nrrd")
+    assert main(["segment", str(colin_path), "--prompt", "brain", "--weights", "", "-o", out]) == 2
+    assert "--weights is empty" in capsys.readouterr().err
+    for extra in ([], ["--in-process"]):
+        assert main(["segment", str(colin_path), "--model", "hermes", "--prompt", "x" * 1500, "-o", out, *extra]) == 2
+        assert "longer than any target name" in capsys.readouterr().err
+    from biomedseg.catalog import check_prompts
+    from biomedseg.errors import InputError
+
+    with pytest.raises(InputError, match="1001 prompts are more than one run takes"):
+        check_prompts("biomedparse-v1", [f"t{i}" for i in range(1001)])

@@ -398,3 +398,30 @@ def test_a_backend_returning_nan_scores_is_an_error_not_a_stuck_panel(extra_mode
     assert main(["segment", str(src), "--model", "toy-box-labels", "--box", *map(str, lo), *map(str, hi),
                  "--box-3d", "--option", "broken_scores=true", "-o", str(out), "--in-process", "-q"]) == 1
     assert not out.exists()
+
+
+def test_jobs_behind_a_cancel_kill_keep_their_sessions(extra_models):
+    """A session opened and clicked while another job was running, and that job's cancel needed a kill:
+    both go to the fresh worker, and the session stays usable on both sides."""
+    from biomedseg.worker.client import WorkerClient
+
+    extra_models(TOYS / "click_session")
+    extra_models(Path(__file__).parent / "worker_models" / "test_model")
+    vol = bright_cube_volume()
+    lo, hi = cube_box(vol, grow=4.0)
+    box = BoxPrompt(lo, hi, None, "cube")
+    client = WorkerClient(cancel_grace=0.5)
+    try:
+        stubborn = client.submit(vol, "test-model", ["t"], options={"mode": "ignore_cancel", "steps": 100,
+                                                                     "step_s": 0.1})
+        opening = client.submit(vol, "toy-click-session", [box], session="s")
+        click = client.submit(None, "toy-click-session", [box, PointPrompt(tuple(vol.ras_of_voxels()[0, 0, 0]),
+                                                                            True, None, "cube")], session="s")
+        while stubborn.done < 1:
+            client.poll(timeout=0.05)
+        client.cancel(stubborn)
+        assert client.wait(opening, timeout=60).segments and client.wait(click, timeout=60).segments
+        assert "s" in client.sessions and [s["session"] for s in client.request("status")["sessions"]] == ["s"]
+        assert client.run(None, "toy-click-session", [box], session="s", timeout=60).segments
+    finally:
+        client.close()

@@ -166,3 +166,23 @@ def test_a_damaged_weights_file_names_itself(tmp_path, monkeypatch):
     bad.write_bytes(b"<html>not a checkpoint</html>")
     with pytest.raises((WeightsMissingError, InputError), match=str(bad)):
         load_backend("hermes", "cpu", str(bad))
+
+
+def test_torchscript_swapped_after_the_check_is_not_loaded(tmp_path, monkeypatch):
+    """Checked and loaded from the same bytes: a file replaced between resolving and loading is refused."""
+    import shutil
+
+    from biomedseg.catalog import get_model
+    from biomedseg.runtime.weights import trusted_code_bytes
+
+    monkeypatch.setenv("BIOMEDSEG_CACHE", str(tmp_path / "cache"))
+    spec = get_model("deepbet").weights
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for path in resolve_weights(spec):
+        shutil.copy(path, folder / path.name)
+    paths = resolve_weights(spec, local_path=folder)  # checked
+    assert trusted_code_bytes(paths[1], spec) == paths[1].read_bytes()
+    paths[1].write_bytes(b"other code")  # swapped before loading
+    with pytest.raises(WeightsMissingError, match="runs its own code"):
+        trusted_code_bytes(paths[1], spec)

@@ -247,3 +247,55 @@ def test_fuzzed_lines_never_stop_the_worker(fuzz_worker, line):
     fuzz_worker.write(line + b"\n")
     fuzz_worker.ping(hash(line) & 0xFFFF)
     assert fuzz_worker.proc.poll() is None
+
+
+def test_the_worker_takes_its_childrens_processes_with_it_when_the_client_goes(tmp_path):
+    from conftest import WORKER_MODELS
+
+    import psutil
+
+    w = RawWorker(env={"BIOMEDSEG_EXTRA_MODELS": str(WORKER_MODELS)})
+    block_in, block_out = protocol.create_block(8 * 9 * 10 * 2), protocol.create_block(8 * 9 * 10)
+    pid_file = tmp_path / "child.pid"
+    try:
+        w.write(json.dumps({"op": "segment", "id": 1, "model": "test-model", "prompts": ["t"],
+                            "input": protocol.array_spec(block_in, (8, 9, 10), np.int16),
+                            "ijk_to_ras": np.eye(4).ravel().tolist(),
+                            "output": protocol.array_spec(block_out, (1, 8, 9, 10), np.uint8),
+                            "options": {"mode": "hang", "child_pid_file": str(pid_file)}}).encode() + b"\n")
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        w.proc.stdin.close()
+        assert w.proc.wait(timeout=5) == 0
+        time.sleep(0.2)
+        assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    finally:
+        protocol.release(block_in)
+        protocol.release(block_out)
+        w.close()
+
+
+def test_a_worker_python_lacking_any_engine_package_fails_at_start_as_a_missing_dependency(tmp_path):
+    """A Python with everything but scipy (or jsonschema) used to fail mid-job as 'internal error' or a
+    'rejected request'; the worker now checks before it is ready: exit 3 with the package named."""
+    import site
+    import venv
+
+    from biomedseg.errors import DependencyMissingError
+    from biomedseg.volume import Volume
+    from biomedseg.worker.client import WorkerClient
+
+    venv.create(tmp_path / "env", with_pip=False)
+    target = next((tmp_path / "env" / "lib").glob("python*/site-packages"))
+    source = Path(site.getsitepackages()[0])
+    for entry in source.iterdir():  # every package of this environment but scipy
+        if not entry.name.lower().startswith("scipy"):
+            (target / entry.name).symlink_to(entry)
+    client = WorkerClient(python=str(tmp_path / "env" / "bin" / "python"))
+    try:
+        with pytest.raises(DependencyMissingError, match="lacks the package 'scipy'"):
+            client.run(Volume(np.zeros((8, 9, 10), np.int16), np.eye(4)), "deepbet", ["brain"], timeout=60)
+    finally:
+        client.close()

@@ -151,7 +151,8 @@ def test_check_target_accepts_a_new_file_in_a_folder_to_be_made(tmp_path):
 
 
 @pytest.mark.parametrize("edge,expected", [(1000, "truncated or damaged, or its header is wrong"),
-                                           (30000, "more than the")])
+                                           (1100, "truncated or damaged, or its header is wrong"),
+                                           (30000, "truncated or damaged, or its header is wrong")])
 def test_a_header_that_declares_more_than_the_file_holds_is_refused_before_allocating(tmp_path, capsys, edge,
                                                                                        expected):
     """An 85-byte .nii.gz declaring 1000^3 float32 drove the CLI to 4 GB; 30000^3 gave a MemoryError."""
@@ -173,6 +174,21 @@ def test_a_header_that_declares_more_than_the_file_holds_is_refused_before_alloc
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing big was allocated
 
 
+def test_an_image_too_big_for_this_memory_is_refused_before_reading(tmp_path, capsys):
+    """A whole (sparse) 3000^3 float32 .nii: the file holds it, memory cannot: a sentence, not a MemoryError."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((3000, 3000, 3000))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    big = tmp_path / "big.nii"
+    with open(big, "wb") as f:
+        f.write(header.binaryblock + b"\0" * 4)
+        f.truncate(352 + 3000 ** 3 * 4)  # sparse: no disk used
+    assert main(["segment", str(big), "--prompt", "brain", "-o", str(tmp_path / "x.seg.nrrd")]) == 2
+    err = capsys.readouterr().err
+    assert "GB of memory available" in err and "Traceback" not in err
+
+
 def test_running_out_of_memory_at_every_batch_is_exit_4_through_the_worker(tmp_path, colin_path, capsys):
     from conftest import worker_test_models
 
@@ -180,3 +196,43 @@ def test_running_out_of_memory_at_every_batch_is_exit_4_through_the_worker(tmp_p
         rc = main(["segment", str(colin_path), "--model", "test-model", "--prompt", "t", "--option", "mode=oom",
                    "--option", "always_oom=true", "-o", str(tmp_path / "x.seg.nrrd"), "-q"])
     assert rc == 4 and "ran out of memory" in capsys.readouterr().err
+
+
+def test_files_get_the_umasks_permissions_and_a_replaced_file_keeps_its_own(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        made = atomic_write(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
+        assert stat.S_IMODE(made.stat().st_mode) == 0o644  # not mkstemp's 0600
+        made.chmod(0o640)
+        atomic_write(made, lambda tmp: tmp.write_text("[]"), overwrite=True)
+        assert stat.S_IMODE(made.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_a_labelmap_and_its_tables_are_written_all_or_none(tmp_path, monkeypatch):
+    """The disk filling up on the last table used to leave the labelmap without its tables."""
+    from biomedseg.io import writers
+
+    def full(path, segments):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers, "write_color_table_csv", full)
+    vol = small()
+    with pytest.raises(InputError, match="the disk is full"):
+        write_segmentation(tmp_path / "x.nii.gz", vol, {"box": vol.array})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_dangling_link_and_a_table_of_another_labelmap_are_refused_before_writing(tmp_path):
+    vol = small()
+    (tmp_path / "out.seg.nrrd").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="already exists \\(a symbolic link\\)"):
+        check_target(tmp_path / "out.seg.nrrd")
+    write_segmentation(tmp_path / "a.nii.gz", vol, {"box": vol.array})
+    with pytest.raises(InputError, match="is the label table of 'a.nii.gz'"):
+        write_segmentation(tmp_path / "a.nrrd", vol, {"box": vol.array}, overwrite=True)
+    assert json.loads((tmp_path / "a.labels.json").read_text())["labelmap"] == "a.nii.gz"

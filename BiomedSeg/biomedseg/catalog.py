@@ -349,13 +349,24 @@ def check_options(model_id: str, declared: dict, options: dict | None) -> dict:
 
 
 # ---- prompts -----------------------------------------------------------------------------
+#: The most prompts one run takes, and the longest text prompt (the same in the worker and in-process).
+MAX_PROMPTS = 1000
+MAX_PROMPT_CHARS = 1000
+
 
 def check_prompts(model_id: str, prompts) -> list:
     """Typed, cleaned prompts the model can take: text stripped and de-duplicated, prompt types
     the model declares, and text checked against a fixed vocabulary (close matches suggested)."""
     entry = get_model(model_id)
     cleaned, seen = [], set()
-    for p in as_prompts(prompts):
+    prompts = as_prompts(prompts)
+    if len(prompts) > MAX_PROMPTS:
+        raise InputError(f"{len(prompts)} prompts are more than one run takes ({MAX_PROMPTS}).",
+                         hint="Split them over several runs.")
+    for p in prompts:
+        if isinstance(p, TextPrompt) and len(p.text) > MAX_PROMPT_CHARS:
+            raise InputError(f"A prompt of {len(p.text)} characters is longer than any target name "
+                             f"({MAX_PROMPT_CHARS}).", hint="Name the target in a few words.")
         if isinstance(p, TextPrompt):
             text = clean_text(p.text)
             if not text or text.lower() in seen:

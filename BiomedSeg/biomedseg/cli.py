@@ -151,6 +151,8 @@ def cmd_segment(args) -> int:
         raise InputError(f"Output '{output}' must end in one of {', '.join(SEGMENTATION_SUFFIXES + ('.json',))}.")
     if args.preview and suffix_of(args.preview) != ".png":
         raise InputError(f"The preview '{args.preview}' must end in .png.")
+    if args.weights is not None and not args.weights.strip():  # "$W" with W unset: never the default instead
+        raise InputError("--weights is empty.", hint="Give the checkpoint file or folder, or leave --weights out.")
     if not (0.0 < args.threshold < 1.0):  # NaN and infinities too
         raise InputError(f"Threshold {args.threshold} must lie strictly between 0 and 1.")
     targets = [output] if suffix_of(output) == ".json" else outputs_for(output)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -47,8 +48,9 @@ def check_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"Cannot write '{path}': it is a folder.", hint="Give a file name.")
-    if path.exists() and not overwrite:
-        raise InputError(f"'{path}' already exists.", hint="Choose another name or pass --overwrite.")
+    if os.path.lexists(path) and not overwrite:  # a link counts, even one that points nowhere
+        what = " (a symbolic link)" if path.is_symlink() else ""
+        raise InputError(f"'{path}' already exists{what}.", hint="Choose another name or pass --overwrite.")
     folder = path.parent
     while not folder.exists():  # the nearest folder that exists must let us create the rest
         folder = folder.parent
@@ -62,28 +64,55 @@ def check_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], overwrite: bool = False) -> Path:
     """``write(tmp)`` fills a unique temporary sibling of ``path``; then it takes ``path``'s place in one
     step. Without ``overwrite`` an existing ``path`` is never replaced. Nothing is left on failure."""
-    path = check_target(path, overwrite)
+    return atomic_write_all([(path, write)], overwrite)[0]
+
+
+def _new_file_mode(path: Path, overwrite: bool) -> int:
+    """What the file's permissions would be had it been opened plainly: the umask's, or the replaced file's."""
+    if overwrite and path.exists():
+        return stat.S_IMODE(path.stat().st_mode)
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_all(items: list, overwrite: bool = False) -> list[Path]:
+    """Several files that belong together (a labelmap and its label tables): every one is written to its
+    temporary name first, and only then are they all put in place, so a full disk leaves none of them."""
+    paths = [check_target(path, overwrite) for path, _ in items]
+    temps: list[Path] = []
+    placed: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial" + _suffix(path))
-        os.close(fd)
+        for path, (_, write) in zip(paths, items):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial" + _suffix(path))
+            os.fchmod(fd, _new_file_mode(path, overwrite))
+            os.close(fd)
+            temps.append(Path(name))
+            write(temps[-1])
+        for path, tmp in zip(paths, temps):
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                _place_new(tmp, path)
+                placed.append(path)
     except OSError as exc:
-        raise os_error(path, exc) from None
-    tmp = Path(name)
-    try:
-        write(tmp)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _place_new(tmp, path)
-    except OSError as exc:
-        raise os_error(path, exc) from None
+        _remove(placed)
+        raise os_error(paths[len(temps) - 1] if temps else paths[0], exc) from None
+    except BaseException:
+        _remove(placed)
+        raise
     finally:
+        _remove(temps)  # gone already when placed; never hide the first error behind a failed clean-up
+    return paths
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
         try:
-            tmp.unlink()
+            path.unlink()
         except OSError:
-            pass  # gone already (placed), or unremovable: never hide the first error behind this one
-    return path
+            pass
 
 
 def _place_new(tmp: Path, path: Path) -> None:

@@ -77,6 +77,10 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
 
 #: Share of the available memory one image may take once read.
 MEMORY_SHARE = 0.8
+#: Peak memory of a read as a multiple of the array it gives (readers hold a decoded copy too).
+READ_PEAK = 2
+#: deflate (gzip, zlib) never expands data more than this: a bound on what a compressed file can hold.
+DEFLATE_MAX_RATIO = 1032
 
 
 def check_declared_size(p: Path, shape, itemsize: int, stored_bytes: int | None = None) -> None:
@@ -92,10 +96,10 @@ def check_declared_size(p: Path, shape, itemsize: int, stored_bytes: int | None 
     need = math.prod(shape) * int(itemsize)
     if stored_bytes is not None and need > stored_bytes:
         raise InputError(f"'{p}': the voxel data cannot be read: the header declares {'x'.join(map(str, shape))} "
-                         f"voxels ({need:,} bytes), but the file holds {max(0, stored_bytes):,} bytes of them: the file is "
+                         f"voxels ({need:,} bytes), but the file holds at most {max(0, stored_bytes):,} bytes of them: the file is "
                          "truncated or damaged, or its header is wrong.", hint="Export the image again.")
     available = psutil.virtual_memory().available
-    if need > MEMORY_SHARE * available:
+    if READ_PEAK * need > MEMORY_SHARE * available:
         raise InputError(f"'{p}': reading it needs {need / 1e9:.1f} GB ({'x'.join(map(str, shape))} voxels), more "
                          f"than the {available / 1e9:.1f} GB of memory available.",
                          hint="Crop or downsample it first, or use a machine with more memory.")
@@ -110,16 +114,40 @@ def _nrrd_itemsize(header: dict) -> int:
     return sizes.get(kind, 8)
 
 
-def _nifti_stored_bytes(p: Path, offset: int) -> int | None:
-    """Voxel bytes the file holds: its size for .nii; gzip's recorded length (mod 2^32) for .nii.gz."""
+def _nifti_stored_bytes(p: Path, offset: int) -> int:
+    """Voxel bytes the file can hold: exactly, for .nii; for .nii.gz at most what deflate can expand its
+    size to (gzip's own length field is modulo 4 GiB and covers only the last member, so it is no bound)."""
+    size = p.stat().st_size
     if suffix_of(p) == ".nii":
-        return p.stat().st_size - offset
+        return size - offset
+    return DEFLATE_MAX_RATIO * size - offset
+
+
+def _metaimage_stored_bytes(p: Path) -> int | None:
+    """The same bound for a .mha with its data inside: exact when raw, deflate's bound when compressed."""
     try:
         with open(p, "rb") as f:
-            f.seek(-4, os.SEEK_END)
-            return int.from_bytes(f.read(4), "little") - offset
+            head = f.read(65536)
     except OSError:
         return None
+    marker = head.find(b"ElementDataFile")
+    end = head.find(b"\n", marker)
+    if marker < 0 or end < 0 or b"LOCAL" not in head[marker:end]:
+        return None  # detached data: ITK reads the other file
+    data_bytes = p.stat().st_size - (end + 1)
+    compressed = any(line.strip().lower().startswith(b"compresseddata") and line.strip().lower().endswith(b"true")
+                     for line in head[:marker].splitlines())
+    return DEFLATE_MAX_RATIO * data_bytes if compressed else data_bytes
+
+
+def sitk_pixel_bytes(reader) -> int:
+    """Bytes per component of the pixel type an ITK reader reports (8 when unknown)."""
+    import SimpleITK as sitk
+
+    sizes = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+             sitk.sitkInt32: 4, sitk.sitkFloat32: 4, sitk.sitkVectorUInt8: 1, sitk.sitkVectorInt8: 1,
+             sitk.sitkVectorUInt16: 2, sitk.sitkVectorInt16: 2, sitk.sitkVectorFloat32: 4}
+    return sizes.get(reader.GetPixelIDValue(), 8)
 
 
 def _stem(p: Path) -> str:
@@ -146,12 +174,12 @@ def _read_nifti(p: Path) -> Volume:
     except Exception:  # noqa: BLE001 -- nibabel itself read it; fall back to its header
         pixdim = np.asarray(img.header["pixdim"][1:4], dtype=np.float64)
     header = img.header
-    slope, inter = header.get_slope_inter() if hasattr(header, "get_slope_inter") else (None, None)
-    scaled = slope not in (None, 1.0) or inter not in (None, 0.0)
-    itemsize = max(img.get_data_dtype().itemsize, 8 if scaled else 1)  # scaled data comes back as float64
-    stored = _nifti_stored_bytes(p, int(header["vox_offset"])) if "vox_offset" in header else None
-    raw_bytes = int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize
-    check_declared_size(p, img.shape, itemsize, stored if stored is not None and raw_bytes < 2 ** 32 else None)
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    scaled = not (slope in (None, 1.0) and inter in (None, 0.0))
+    stored = _nifti_stored_bytes(p, int(header["vox_offset"]))
+    check_declared_size(p, img.shape, img.get_data_dtype().itemsize, stored)  # what the file holds
+    if scaled:  # and what it becomes: scaled values come back as float64
+        check_declared_size(p, img.shape, 8)
     n_spatial = min(3, len(img.shape))
     if not np.all(pixdim[:n_spatial] > 0) and int(img.header["sform_code"]) == 0:
         raise InputError(f"'{p}': voxel spacing must be positive, the header gives "
@@ -207,7 +235,9 @@ def _sitk_read(p: Path):
         raise InputError(f"'{p}' cannot be read ({_first_line(exc)}).") from None
     _check_sitk_geometry(p, reader.GetSpacing(), reader.GetDimension(), reader.GetSize(),
                          reader.GetPixelIDValue(), reader.GetDirection(), reader.GetNumberOfComponents())
-    check_declared_size(p, list(reader.GetSize()) + [reader.GetNumberOfComponents()], 8)  # memory, at most 8 B
+    stored = _metaimage_stored_bytes(p) if suffix_of(p) == ".mha" else None
+    pixel_bytes = max(1, sitk_pixel_bytes(reader))
+    check_declared_size(p, list(reader.GetSize()) + [reader.GetNumberOfComponents()], pixel_bytes, stored)
     try:
         image = reader.Execute()
     except RuntimeError as exc:

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import InputError
 from ..segments import Segment, prepare_segments
 from ..volume import Volume, nrrd_header, to_nibabel, to_sitk
-from .atomic import atomic_write, check_target
+from .atomic import atomic_write, atomic_write_all, check_target
 from .readers import suffix_of
 
 log = logging.getLogger(__name__)
@@ -130,10 +130,23 @@ def label_table_rows(segments: list[Segment]) -> list[dict]:
 def write_labelmap(path: Path, reference: Volume, segments: list[Segment], overwrite: bool = False) -> list[Path]:
     labels = labelmap_array(reference, segments)
     _, json_path, csv_path = outputs_for(path)
+    _check_table_owner(json_path, path)
     table = json.dumps({"labelmap": path.name, "labels": label_table_rows(segments)}, indent=2)
-    return [write_volume(path, reference.with_array(labels, name=reference.name), overwrite),
-            atomic_write(json_path, lambda tmp: tmp.write_text(table), overwrite),
-            atomic_write(csv_path, lambda tmp: write_color_table_csv(tmp, segments), overwrite)]
+    image = reference.with_array(labels, name=reference.name)
+    return atomic_write_all([(path, _volume_writer(path, image)),
+                             (json_path, lambda tmp: tmp.write_text(table)),
+                             (csv_path, lambda tmp: write_color_table_csv(tmp, segments))], overwrite)
+
+
+def _check_table_owner(json_path: Path, labelmap: Path) -> None:
+    """``a.nii.gz`` and ``a.nrrd`` would share ``a.labels.json``: never hand one's table to the other."""
+    try:
+        owner = json.loads(json_path.read_text()).get("labelmap")
+    except (OSError, ValueError, AttributeError):
+        return
+    if owner and owner != labelmap.name:
+        raise InputError(f"'{json_path}' is the label table of '{owner}', which '{labelmap.name}' would share.",
+                         hint="Give the labelmap another name (its label tables are named after it).")
 
 
 def _sidecar_base(path: Path) -> Path:
@@ -166,11 +179,16 @@ def write_color_table_csv(path: Path, segments: list[Segment]) -> Path:
 def write_volume(path: str | os.PathLike, volume: Volume, overwrite: bool = False) -> Path:
     """Write an image (or labelmap) keeping its exact geometry: NIfTI, NRRD or MHA (whole or not at all)."""
     path = Path(path)
+    return atomic_write(path, _volume_writer(path, volume), overwrite)
+
+
+def _volume_writer(path: Path, volume: Volume):
+    """``write(tmp)`` for ``volume`` in the format ``path``'s name asks for."""
     suffix = suffix_of(path)
     if suffix in (".nii", ".nii.gz"):
         import nibabel as nib
 
-        return atomic_write(path, lambda tmp: nib.save(to_nibabel(volume), str(tmp)), overwrite)
+        return lambda tmp: nib.save(to_nibabel(volume), str(tmp))
     if suffix == ".nrrd":
         import nrrd
 
@@ -180,12 +198,11 @@ def write_volume(path: str | os.PathLike, volume: Volume, overwrite: bool = Fals
         if volume.channels_last:
             header["kinds"] = ["vector", "domain", "domain", "domain"]
         header["encoding"] = "gzip"
-        return atomic_write(path, lambda tmp: nrrd.write(str(tmp), data, header, index_order="F"), overwrite)
+        return lambda tmp: nrrd.write(str(tmp), data, header, index_order="F")
     if suffix == ".mha":
         import SimpleITK as sitk
 
-        return atomic_write(path, lambda tmp: sitk.WriteImage(to_sitk(volume), str(tmp), useCompression=True),
-                            overwrite)
+        return lambda tmp: sitk.WriteImage(to_sitk(volume), str(tmp), useCompression=True)
     raise InputError(f"'{path}': cannot write images as '{suffix}'; use .nii.gz, .nrrd or .mha.")
 
 

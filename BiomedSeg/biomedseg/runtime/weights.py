@@ -167,6 +167,23 @@ def _check_trusted_code(spec: dict, paths: list[Path]) -> None:
                      "catalogue's checksum.")
 
 
+def trusted_code_bytes(path: str | os.PathLike, spec: dict) -> bytes:
+    """The bytes of a weight file that runs code when loaded, read once and checked as read: the package's
+    own file, or one whose sha256 the catalogue lists. Load from these bytes (never reopen the path),
+    so the file cannot be swapped between the check and the load."""
+    path = Path(path)
+    data = path.read_bytes()
+    packaged = spec.get("package") and _package_file(spec["package"], next(
+        (f for f in spec["files"] if Path(f).name == path.name), path.name))
+    if packaged and Path(packaged).resolve() == path.resolve():
+        return data
+    expected = (spec.get("file_sha256") or {}).get(path.name)
+    if expected is None or hashlib.sha256(data).hexdigest() != expected:
+        _check_trusted_code(spec, [path])  # raises with the sentence
+        raise WeightsMissingError(f"'{path}' changed while it was being loaded.", hint="Load it again.")
+    return data
+
+
 def hub_content_sha256(path: Path) -> str | None:
     """The sha256 the hub cache names a file's blob by (Git LFS files only; small files are
     named by their git hash, 40 hex digits, and are not checked)."""

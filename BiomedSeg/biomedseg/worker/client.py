@@ -10,7 +10,8 @@ engine's version and protocol; a stale worker (an older environment, another che
 stopped and every waiting job fails with a ``WorkerMismatchError`` that says which side to
 update. Failure handling: a worker that exits mid-job fails the job with its exit code and last
 log lines, and the next request starts a fresh one; a worker whose heartbeat stops for
-``hang_timeout`` (stopped, frozen), whose job sends nothing for ``stall_timeout``, or that does
+``hang_timeout`` (stopped, frozen), whose job sends nothing for ``stall_timeout`` (off by default:
+a beating worker is computing, however long a step takes), or that does
 not stop within ``cancel_grace`` of a cancel is killed with its children. Jobs that only waited
 in its queue are sent again to the fresh worker. Shared-memory blocks belong to the client: reused from job to job (fresh pages
 cost more than the copy), never in use by two jobs, and unlinked when the client closes.
@@ -55,7 +56,7 @@ PIP_NAMES = {"SimpleITK": "SimpleITK", "yaml": "pyyaml", "PIL": "pillow", "nrrd"
 
 class WorkerClient:
     def __init__(self, python: str | None = None, env: dict | None = None, startup_timeout: float = 120.0,
-                 stall_timeout: float = 600.0, cancel_grace: float = CANCEL_GRACE_S, log_lines: int = 200,
+                 stall_timeout: float | None = None, cancel_grace: float = CANCEL_GRACE_S, log_lines: int = 200,
                  hang_timeout: float = HANG_AFTER_S):
         self.python = python or os.environ.get("BIOMEDSEG_WORKER_PYTHON") or sys.executable
         self.env = env
@@ -238,10 +239,12 @@ class WorkerClient:
                     entry["mask"] = self._share(job, p.mask.astype(np.uint8))
                 message["prompts"].append(entry)
             if volume is not None:
-                message.update({"name": volume.name, "channels_last": volume.channels_last,
+                meta = {str(k)[:64]: v[:4096] if isinstance(v, str) else v for k, v in volume.meta.items()
+                        if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+                message.update({"name": str(volume.name)[:1000], "channels_last": volume.channels_last,
                                 "input": self._share(job, volume.array),
                                 "ijk_to_ras": volume.ijk_to_ras.ravel().tolist(),
-                                "meta": {k: v for k, v in volume.meta.items() if isinstance(v, (str, int, float))}})
+                                "meta": dict(list(meta.items())[:64])})  # what the worker's schema allows
             out_shape = (len(targets),) + shape
             out_block = self.pool.acquire(int(np.prod(out_shape)))
             job.blocks.append(out_block)
@@ -430,7 +433,7 @@ class WorkerClient:
             reason = f"did not start within {self.startup_timeout:.0f} s"
         elif self.ready and now - self._last_heard_at > self.hang_timeout:
             reason = f"stopped answering (no heartbeat for {self.hang_timeout:.0f} s: stopped or frozen)"
-        elif active and now - self._last_message_at > self.stall_timeout:
+        elif active and self.stall_timeout is not None and now - self._last_message_at > self.stall_timeout:
             reason = f"stopped answering for {self.stall_timeout:.0f} s"
         for job in active:  # a queued job's cancel waits for its turn (the worker skips it); a running one may not
             if (job.state == "running" and job.cancel_requested_at is not None
@@ -452,19 +455,23 @@ class WorkerClient:
 
     def _resubmit(self, jobs: list) -> None:
         """Send the jobs that were only queued in a worker that had to be stopped to a fresh one, in
-        order; those already cancelled end as cancelled. Their blocks still hold their data."""
-        waiting = []
+        order; those already cancelled end as cancelled. Their blocks still hold their data. A click in
+        a session goes again only when an earlier job in the queue brings its image back."""
+        waiting, reopened = [], {}
         for job in sorted(jobs, key=lambda j: j.id):
             if job.cancel_requested_at is not None:
                 self._finish(job, error=CancelledError("Segmentation was cancelled; nothing was written."))
-            elif job.session is not None and job.volume is None:  # its session's image died with the worker
+            elif job.session is not None and job.volume is None and job.session not in reopened:
                 self._finish(job, error=InputError(f"Session '{job.session}' ended with the worker.",
                                                    hint="Send the image again to open it."))
             else:
+                if job.session is not None and job.volume is not None:
+                    reopened[job.session] = tuple(job.outputs["output"][1][1:])
                 waiting.append(job)
         if not waiting:
             return
         self.start()
+        self.sessions.update(reopened)
         for job in waiting:
             job.state = "queued"
             self._send(job.message)

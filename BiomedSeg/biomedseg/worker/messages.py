@@ -15,6 +15,8 @@ from .protocol import ALLOWED_DTYPES, MAX_MESSAGE_BYTES, ProtocolError
 
 #: No real request nests deeper than this (a segment's prompts and region: about 5).
 MAX_DEPTH = 16
+#: No real request holds more values (1000 prompts of a few fields each, 64 options of 64 values).
+MAX_VALUES = 20000
 #: Largest array a request may describe (1 TiB): beyond any volume, far below integer overflow.
 MAX_ARRAY_BYTES = 1 << 40
 
@@ -96,19 +98,19 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _depth(value, limit: int = MAX_DEPTH) -> int:
-    """Nesting depth of parsed JSON, stopping as soon as it passes ``limit``."""
-    stack, deepest = [(value, 1)], 0
+def _shape_of(value) -> tuple[int, int]:
+    """(nesting depth, number of values) of parsed JSON, stopping once either passes its limit."""
+    stack, deepest, count = [(value, 1)], 0, 0
     while stack:
         item, level = stack.pop()
-        deepest = max(deepest, level)
-        if deepest > limit:
+        deepest, count = max(deepest, level), count + 1
+        if deepest > MAX_DEPTH or count > MAX_VALUES:
             break
         if isinstance(item, dict):
             stack += [(v, level + 1) for v in item.values()]
         elif isinstance(item, list):
             stack += [(v, level + 1) for v in item]
-    return deepest
+    return deepest, count
 
 
 def short(value, limit: int = 120) -> str:
@@ -135,8 +137,11 @@ def parse(line: bytes | str) -> dict:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"message is not valid JSON ({str(exc)[:120]})") from None
-    if _depth(message) > MAX_DEPTH:
+    depth, count = _shape_of(message)
+    if depth > MAX_DEPTH:
         raise ProtocolError(f"message nests deeper than {MAX_DEPTH} levels")
+    if count > MAX_VALUES:  # checking it would keep the reader (and so every ping and cancel) busy
+        raise ProtocolError(f"message holds more than {MAX_VALUES} values; voxels go through shared memory")
     if not isinstance(message, dict):
         raise ProtocolError("message must be a JSON object")
     return message

@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 
 from .. import __version__
-from ..errors import BiomedSegError, CancelledError, InputError
+from ..errors import BiomedSegError, CancelledError, DependencyMissingError, InputError
 from . import messages, protocol
 
 log = logging.getLogger("biomedseg.worker")
@@ -117,6 +117,13 @@ class WorkerServer:
         if not self.exit_on_eof:
             self.jobs.put({"op": "shutdown"})
             return
+        try:  # processes a job started (a model's helpers) go with us
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+        except Exception:  # noqa: BLE001 -- leaving matters more than tidying
+            pass
         sys.stderr.flush()
         os._exit(0)
 
@@ -227,6 +234,10 @@ class WorkerServer:
             self.send_error(job_id, err)
         except protocol.ProtocolError as exc:
             self.send_error(job_id, InputError(f"Rejected request: {exc}."))
+        except ModuleNotFoundError as exc:  # a package the model (or the engine) needs is not in this Python
+            self.send_error(job_id, DependencyMissingError(
+                f"The worker's Python ({sys.executable}) lacks the package '{exc.name}'.",
+                hint=f"Install it there ({sys.executable} -m pip install {exc.name}), or choose another worker Python."))
         except Exception as exc:  # report, keep serving
             traceback.print_exc(file=sys.stderr)
             self.send_error(job_id, BiomedSegError(f"Internal error in the worker: {type(exc).__name__}: {exc}",
@@ -374,7 +385,21 @@ class WorkerServer:
                     probs[i] = result.probabilities[target]
 
 
+#: What the worker itself imports on the way to any model; checked before ``ready`` so a Python that
+#: lacks one fails at start (the client reports it as a missing dependency), not in the middle of a job.
+ENGINE_PACKAGES = ("numpy", "scipy", "jsonschema", "SimpleITK", "nibabel", "nrrd", "psutil")
+
+
+def check_packages() -> None:
+    import importlib.util
+
+    for name in ENGINE_PACKAGES:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+
+
 def main(argv=None) -> int:
+    check_packages()
     logging.basicConfig(level=os.environ.get("BIOMEDSEG_LOG", "INFO"), stream=sys.stderr,
                         format="%(asctime)s worker %(levelname)s %(message)s")
     # Keep the protocol channel private: library prints land on stderr.

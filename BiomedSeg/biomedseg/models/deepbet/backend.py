@@ -16,6 +16,7 @@ from biomedseg.errors import CancelledError, InputError
 from biomedseg.models.base import Backend, LoadContext, Plan
 from biomedseg.results import ModelOutput
 from biomedseg.runtime.postprocess import largest_component
+from biomedseg.runtime.weights import trusted_code_bytes
 from biomedseg.volume import Volume
 
 COARSE_SHAPE = (128, 128, 128)
@@ -28,11 +29,16 @@ class DeepBetBackend(Backend):
     """Two TorchScript stages; keeps the largest component and fills voids (model.json's postprocess)."""
 
     def load(self, context: LoadContext) -> None:
+        """TorchScript runs code when loaded: it is loaded from bytes checked as they were read."""
+        import io
+
         import torch
 
+        spec = context.entry.get("weights", {})
         self._torch = torch
-        self.coarse = torch.jit.load(str(context.weight("bbox_model.pt")), map_location=self.device).eval()
-        self.fine = torch.jit.load(str(context.weight("model.pt")), map_location=self.device).eval()
+        self.coarse, self.fine = (
+            torch.jit.load(io.BytesIO(trusted_code_bytes(context.weight(name), spec)), map_location=self.device).eval()
+            for name in ("bbox_model.pt", "model.pt"))
 
     def plan(self, volume: Volume, prompts, options: dict, *, plane: str = "axial") -> Plan:
         unknown = [p for p in prompts.texts if p.strip().lower() != "brain"]
