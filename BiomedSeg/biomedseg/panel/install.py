@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -324,7 +323,10 @@ class InstallFlow:
         python = worker_python or self.slicer_python
         if env_dir is not None:
             return install_plan(model_id, missing, python=python, env_dir=env_dir, base_python=self.base_python())
-        constraints = Path(tempfile.mkdtemp(prefix="biomedseg-")) / "slicer-constraints.txt"
+        from ..runtime.weights import cache_dir
+
+        constraints = cache_dir() / "slicer-constraints.txt"  # one file, rewritten: no temporary folder left
+        constraints.parent.mkdir(parents=True, exist_ok=True)
         constraints.write_text(constraints_for_installed())
         return install_plan(model_id, missing, python=python, pytorch_utils=self.has_pytorch_extension(),
                             constraints_file=str(constraints))
