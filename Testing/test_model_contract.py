@@ -219,14 +219,18 @@ def test_two_d_box_covers_only_its_slice_and_region_crop_applies(extra_models):
 
 
 # ---- an interactive model keeps its session -----------------------------------------------
-def test_interactive_session_keeps_the_embedding_and_sends_no_voxels_for_a_click(extra_models):
-    from biomedseg.worker.client import WorkerClient
-
+def click_setup(extra_models):
+    """The interactive toy registered, the cube volume, a box around the cube and the cube's voxels."""
     extra_models(TOYS / "click_session")
     vol = bright_cube_volume()
     lo, hi = cube_box(vol, grow=4.0)
-    box = BoxPrompt(lo, hi, None, "cube")
-    cube = vol.array > 500
+    return vol, BoxPrompt(lo, hi, None, "cube"), vol.array > 500
+
+
+def test_interactive_session_keeps_the_embedding_and_sends_no_voxels_for_a_click(extra_models):
+    from biomedseg.worker.client import WorkerClient
+
+    vol, box, cube = click_setup(extra_models)
     client = WorkerClient()
     try:
         first = client.run(vol, "toy-click-session", [box], session="s1", timeout=120)
@@ -353,11 +357,7 @@ def test_a_session_rerun_takes_a_new_region_or_new_options_afresh(extra_models):
     from biomedseg.engine import segment
     from biomedseg.geometry import make_region
 
-    extra_models(TOYS / "click_session")
-    vol = bright_cube_volume()
-    lo, hi = cube_box(vol, grow=4.0)
-    box = BoxPrompt(lo, hi, None, "cube")
-    cube = vol.array > 500
+    vol, box, cube = click_setup(extra_models)
     axis = vol.slice_orientation("axial").slice_axis
     first = segment(vol, "toy-click-session", [box], session="r")
     assert np.array_equal(first.segments[0].mask, cube) and first.report["embeddings"] >= 1

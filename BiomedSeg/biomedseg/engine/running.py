@@ -105,15 +105,24 @@ def segment(volume: Volume | None, model_id: str, prompts, *, device: str = "aut
     return result
 
 
-def load_with_memory_policy(model_id: str, device: str, weights, fresh, title: str):
-    """The loaded backend; running out of memory while loading is an OutOfMemoryError (exit 4), not a crash."""
+def _attempt(call):
+    """(result, False), or (None, True) when ``call`` ran out of memory; any other error propagates.
+    Returning here drops the exception and the frames that hold its tensors before memory is freed."""
     try:
-        return loading.load_backend(model_id, device, weights, backend=fresh)[0]
+        return call(), False
     except BiomedSegError:
         raise
     except Exception as exc:  # noqa: BLE001 -- torch's OOM types differ by device; matched by name/text
         if not is_out_of_memory(exc):
             raise
+    return None, True
+
+
+def load_with_memory_policy(model_id: str, device: str, weights, fresh, title: str):
+    """The loaded backend; running out of memory while loading is an OutOfMemoryError (exit 4), not a crash."""
+    backend, out_of_memory = _attempt(lambda: loading.load_backend(model_id, device, weights, backend=fresh)[0])
+    if not out_of_memory:
+        return backend
     release_memory(device)
     raise OutOfMemoryError(f"{title} ran out of memory on {device} while loading its weights.",
                            hint=_memory_hint(device, loading=True))
@@ -131,14 +140,9 @@ def run_with_memory_policy(runner, plan, title: str, device: str, progress):
     """``runner(plan)`` with the one out-of-memory policy; returns (output, retries)."""
     retries = []
     while True:
-        try:
-            return runner(plan), retries
-        except BiomedSegError:
-            raise
-        except Exception as exc:  # noqa: BLE001 -- torch's OOM types differ by device; matched by name/text
-            if not is_out_of_memory(exc):
-                raise
-        # out of memory; the exception (and the frames holding its tensors) is gone here
+        output, out_of_memory = _attempt(lambda: runner(plan))
+        if not out_of_memory:
+            return output, retries
         release_memory(device)
         batch = plan.batch_size
         if batch is not None and batch > 1:
