@@ -194,8 +194,27 @@ def _read_json(path: Path, what: str) -> dict:
         raise InputError(f"{what} '{path}' cannot be read ({exc}).") from None
 
 
+def expand_variants(data: dict) -> list[dict]:
+    """An entry and its ``variants`` (other checkpoints of the same model: same folder, backend and
+    options, their own id, title and weight files), each a catalogue entry of its own."""
+    if not isinstance(data, dict) or not isinstance(data.get("variants"), list):
+        return [data]
+    base = {k: v for k, v in data.items() if k != "variants"}
+    out = [base]
+    for variant in data["variants"]:
+        if not isinstance(variant, dict):
+            return [data]  # the schema check reports it
+        entry = json.loads(json.dumps(base))
+        entry.update({k: variant[k] for k in ("id", "title", "task") if k in variant})
+        entry["weights"].update({k: variant[k] for k in ("files", "size_bytes") if k in variant})
+        entry["weights"]["sha256"] = variant.get("sha256")  # never the base file's checksum
+        entry["variant_of"] = base.get("id")
+        out.append(entry)
+    return out
+
+
 def _folder_entries(folder: Path, what: str) -> list[tuple[dict, Path]]:
-    return [(_read_json(folder / "model.json", what), folder)]
+    return [(data, folder) for data in expand_variants(_read_json(folder / "model.json", what))]
 
 
 def _extra_entries(path: Path) -> list[tuple[dict, Path]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -116,20 +117,72 @@ def region_of(args):
     return make_region(args.plane or "axial", list(args.slice_range) if args.slice_range else None)
 
 
+def _numbers(values, counts: tuple[int, ...], what: str, words: tuple[str, ...] = ()) -> tuple[list[float], list[str]]:
+    """Numbers given as separate arguments or comma-separated ('R,A,S'), plus trailing words."""
+    parts = [p for v in values for p in str(v).replace(",", " ").split()]
+    found_words = [p.lower() for p in parts if p.lower() in words]
+    numbers = [p for p in parts if p.lower() not in words]
+    try:
+        floats = [float(p) for p in numbers]
+    except ValueError:
+        raise InputError(f"{what} takes {' or '.join(map(str, counts))} numbers (RAS mm), got {' '.join(values)!r}.") from None
+    if len(floats) not in counts or not all(math.isfinite(v) for v in floats):
+        raise InputError(f"{what} takes {' or '.join(map(str, counts))} finite numbers (RAS mm), got "
+                         f"{' '.join(values)!r}.")
+    return floats, found_words
+
+
 def prompts_of(args) -> list:
-    """Text prompts (--prompt, comma-separated like the panel) and geometric ones (--box, --point)."""
+    """Text prompts (--prompt, comma-separated like the panel), geometric ones (--box, --point,
+    --exclude-point: RAS mm, as separate numbers or comma-separated) and --prompts FILE.json."""
     from .prompts import BoxPrompt, PointPrompt, TextPrompt, parse_text_prompts
 
     prompts: list = [TextPrompt(text) for text in parse_text_prompts(";".join(args.prompt or []))]
     target = " ".join((args.target or "object").split())
     plane = None if args.box_3d else (args.plane or "axial")
     for box in args.box or []:
-        prompts.append(BoxPrompt(tuple(box[:3]), tuple(box[3:]), plane, target))
-    for point in args.point or []:
-        prompts.append(PointPrompt(tuple(point), True, args.plane or "axial", target))
-    for point in args.exclude_point or []:
-        prompts.append(PointPrompt(tuple(point), False, args.plane or "axial", target))
+        values, _ = _numbers(box, (6,), "--box")
+        prompts.append(BoxPrompt(tuple(values[:3]), tuple(values[3:]), plane, target))
+    for point, include in [(p, True) for p in args.point or []] + [(p, False) for p in args.exclude_point or []]:
+        values, words = _numbers(point, (3,), "--point", ("exclude", "include"))
+        include = include and "exclude" not in words
+        prompts.append(PointPrompt(tuple(values), include, args.plane or "axial", target))
+    if getattr(args, "prompts", None):
+        prompts += prompts_file(args.prompts, args.plane or "axial")
     return prompts
+
+
+def prompts_file(path: str, plane: str) -> list:
+    """Prompts from a JSON file: a list of prompts in the worker's form ({"type": "box", "ras_min": ...,
+    "ras_max": ..., "plane": ..., "target": ...}), or {"objects": [{"target": NAME, "plane": ..., "boxes":
+    [[R1,A1,S1,R2,A2,S2]], "points": [[R,A,S]], "exclude_points": [[R,A,S]]}]} for several objects."""
+    from .prompts import prompt_from_dict
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"--prompts '{path}' cannot be read ({exc.strerror or exc}).") from None
+    except ValueError as exc:
+        raise InputError(f"--prompts '{path}' is not JSON ({exc}).") from None
+    if isinstance(data, list):
+        return [prompt_from_dict(item) for item in data]
+    if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
+        raise InputError(f"--prompts '{path}' must hold a list of prompts or {{\"objects\": [...]}}.")
+    out: list = []
+    for n, obj in enumerate(data["objects"]):
+        if not isinstance(obj, dict):
+            raise InputError(f"Object {n + 1} in '{path}' is not an object with a target and its prompts.")
+        target = obj.get("target") or f"object {n + 1}"
+        obj_plane = obj.get("plane", plane)
+        for box in obj.get("boxes", []):
+            values, _ = _numbers([json.dumps(box).strip("[]")], (6,), f"A box of {target!r} in '{path}'")
+            out.append(prompt_from_dict({"type": "box", "ras_min": values[:3], "ras_max": values[3:],
+                                         "plane": obj_plane, "target": target}))
+        for key, include in (("points", True), ("exclude_points", False)):
+            for point in obj.get(key, []):
+                out.append(prompt_from_dict({"type": "point", "ras": point, "include": include, "plane": obj_plane,
+                                             "target": target}))
+    return out
 
 
 def _report_extras(result, log) -> None:
@@ -139,7 +192,28 @@ def _report_extras(result, log) -> None:
         log(f"finding: {finding.text}" + (f" [{', '.join(finding.targets)}]" if finding.targets else ""))
 
 
-def cmd_segment(args) -> int:
+def cmd_refine(args) -> int:
+    """`refine`: a segment of a segmentation file as MedSAM2's prompt; the other segments are written
+    beside the refined one unchanged (unless --only)."""
+    from .io.segmentation_reader import find_segment, read_segments
+    from .prompts import MaskPrompt
+
+    def prompts_for(volume, log):
+        segments, notes = read_segments(args.segmentation, volume)
+        for note in notes:
+            log(f"segmentation: {note}")
+        chosen = find_segment(segments, args.segment, args.segmentation)
+        if not chosen.mask.any():
+            raise InputError(f"Segment {chosen.name!r} in '{args.segmentation}' is empty on this image.")
+        others = [] if args.only else [s for s in segments if s is not chosen]
+        return [MaskPrompt(chosen.mask, chosen.name)], others, chosen
+
+    args.prompt = args.box = args.point = args.exclude_point = None
+    args.box_3d, args.target = False, None
+    return cmd_segment(args, refine=prompts_for)
+
+
+def cmd_segment(args, refine=None) -> int:
     from .catalog import check_options, check_prompts, get_model
     from .io import read_volume, write_segmentation
     from .io.readers import suffix_of
@@ -158,7 +232,7 @@ def cmd_segment(args) -> int:
     targets = [output] if suffix_of(output) == ".json" else outputs_for(output)
     for target in targets + ([Path(args.preview)] if args.preview else []):
         check_target(target, args.overwrite)  # before anything is read: a bad path costs nothing
-    prompts = check_prompts(args.model, prompts_of(args))
+    prompts = check_prompts(args.model, prompts_of(args)) if refine is None else []
     entry = get_model(args.model)
     options = model_options(args)
     check_options(args.model, entry.options, options)  # undeclared options fail before anything is read
@@ -170,6 +244,10 @@ def cmd_segment(args) -> int:
     started = time.perf_counter()
     volume = read_volume(args.input, series_uid=args.series_uid)
     log(f"read {volume}")
+    beside, refined = [], None
+    if refine is not None:
+        prompts, beside, refined = refine(volume, log)
+        prompts = check_prompts(args.model, prompts)
     bar = _ProgressBar(enabled=not args.quiet)
     run_options = dict(device=args.device, threshold=args.threshold, keep_largest=args.largest,
                        fill_holes=args.fill_holes, weights=args.weights, options=options, region=region)
@@ -207,7 +285,10 @@ def cmd_segment(args) -> int:
               file=sys.stderr)
         return 1
     else:
-        written = write_segmentation(output, volume, result.segments, overwrite=args.overwrite)
+        if refined is not None:  # the refined segment keeps its name, colour and terminology
+            result.segments = [type(seg)(refined.name, seg.mask, refined.color or seg.color,
+                                         refined.terminology or seg.terminology) for seg in result.segments]
+        written = write_segmentation(output, volume, beside + result.segments, overwrite=args.overwrite)
     if args.preview and result.segments:
         from .preview import render_preview
 
@@ -318,15 +399,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment an image file or DICOM folder")
     p.add_argument("input", help="NIfTI, NRRD, MHA, DICOM file or folder, PNG/JPEG/TIFF")
     p.add_argument("--model", default="deepbet", help="model id from `biomedseg models` (default: deepbet)")
+    _prompt_arguments(p)
+    _run_arguments(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("refine", help="refine a segment of a segmentation file with MedSAM2 (the segment is "
+                                      "the prompt)")
+    p.add_argument("input", help="the image the segmentation belongs to")
+    p.add_argument("--segmentation", required=True, help=".seg.nrrd or labelmap holding the segment")
+    p.add_argument("--segment", required=True, help="name of the segment to refine")
+    p.add_argument("--model", default="medsam2", help="a model that takes mask prompts (default: medsam2)")
+    p.add_argument("--only", action="store_true", help="write only the refined segment, not the others beside it")
+    _run_arguments(p)
+    p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("doctor", help="report Python, torch, devices, memory and model readiness")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--worker", action="store_true", help="also start a worker and check it end to end")
+    p.add_argument("--worker-python", help="Python executable for the worker to check")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def _prompt_arguments(p) -> None:
     p.add_argument("--prompt", action="append", help="target to segment; repeat for several, or separate by commas")
-    p.add_argument("--box", action="append", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
-                   help="box prompt: two RAS corners in mm, drawn on --plane (or 3D with --box-3d); repeatable")
+    p.add_argument("--box", action="append", nargs="+", metavar="R1,A1,S1,R2,A2,S2",
+                   help="box prompt: two RAS corners in mm (comma-separated or six numbers), drawn on --plane "
+                        "(or 3D with --box-3d); repeatable")
     p.add_argument("--box-3d", action="store_true", help="--box prompts are 3D boxes, not boxes on one slice")
-    p.add_argument("--point", action="append", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                   help="point prompt on the object (RAS mm); repeatable")
-    p.add_argument("--exclude-point", action="append", type=float, nargs=3, metavar=("X", "Y", "Z"),
+    p.add_argument("--point", action="append", nargs="+", metavar="R,A,S[,exclude]",
+                   help="point prompt on the object (RAS mm; ',exclude' marks background); repeatable")
+    p.add_argument("--exclude-point", action="append", nargs="+", metavar="R,A,S",
                    help="point prompt on the background (RAS mm); repeatable")
+    p.add_argument("--prompts", metavar="FILE.json",
+                   help="prompts for several objects and slices (see the README: a list of prompts, or objects)")
     p.add_argument("--target", help="name of the object the box and point prompts describe (default: object)")
+
+
+def _run_arguments(p) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="output: .seg.nrrd, .nii.gz, .nrrd labelmap, .dcm (DICOM SEG), or .json (labels, findings, "
                         "segment summary; for models that return no masks)")
@@ -356,18 +466,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-python", help="Python executable for the worker (default: this one, or "
                                            "$BIOMEDSEG_WORKER_PYTHON)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the written paths")
-    p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("doctor", help="report Python, torch, devices, memory and model readiness")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--worker", action="store_true", help="also start a worker and check it end to end")
-    p.add_argument("--worker-python", help="Python executable for the worker to check")
-    p.set_defaults(func=cmd_doctor)
-    return parser
+
+GEOMETRY_FLAGS = ("--box", "--point", "--exclude-point")
+
+
+def joined_geometry_arguments(argv: list[str]) -> list[str]:
+    """``--box -12.5,3,4,...`` as ``--box=-12.5,3,4,...``: argparse would take a comma list that
+    starts with a minus sign for an option."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in GEOMETRY_FLAGS and token.startswith("-") and "," in token:
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(joined_geometry_arguments(argv))
     try:
         return args.func(args)
     except BiomedSegError as err:

@@ -1,0 +1,234 @@
+"""MedSAM2's engine side, exactly: prompts in patient space land on the right pixels of the right
+frames and the masks come back on the input grid, for every storage order and plane, through
+the real worker; sessions apply corrections without re-encoding; a segment as the prompt is
+refined; cancel stops a propagation. The network is a stand-in whose output is a known
+function of the prompts and of the frame it is shown (Testing/toy_models/medsam2_standin),
+so every expected voxel is computed here independently, from the geometry alone."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from biomedseg.errors import CancelledError, InputError
+from biomedseg.prompts import BoxPrompt, MaskPrompt, PointPrompt, TextPrompt
+from biomedseg.volume import Volume
+from geometry_cases import DIRECTIONS, affine
+
+TOYS = Path(__file__).parent / "toy_models"
+MODEL = "toy-medsam2-standin"
+SHAPE = (8, 9, 11)
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    """The stand-in registered as a site model, in this process and in the workers it starts."""
+    from biomedseg.catalog import load_catalog
+
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(TOYS / "medsam2_standin", root / "medsam2_standin")
+    saved = os.environ.get("BIOMEDSEG_EXTRA_MODELS")
+    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(root)
+    load_catalog.cache_clear()
+    yield
+    if saved is None:
+        os.environ.pop("BIOMEDSEG_EXTRA_MODELS", None)
+    else:
+        os.environ["BIOMEDSEG_EXTRA_MODELS"] = saved
+    load_catalog.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def client(standin):
+    from biomedseg.worker.client import WorkerClient
+
+    c = WorkerClient()
+    yield c
+    c.close()
+
+
+def patterned_volume(direction) -> Volume:
+    """0/1000 voxels in a pattern with no symmetry, so a flipped or transposed frame shows."""
+    k, j, i = np.indices(SHAPE)
+    array = np.where((k + 2 * j + 3 * i + (i * j) % 4) % 3 != 0, 1000, 0).astype(np.int16)
+    return Volume(array, affine(direction, (1.1, 0.9, 2.3), (5.0, -3.0, 7.0)), name="pattern")
+
+
+def index_box_of_ras(volume: Volume, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous (k, j, i) bounding box of an RAS box's eight corners (numpy only)."""
+    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    ijk = (np.linalg.inv(volume.ijk_to_ras) @ corners.T).T[:, :3][:, ::-1]
+    return ijk.min(axis=0), ijk.max(axis=0)
+
+
+def case(volume: Volume, plane: str):
+    """A box on one slice of ``plane`` (corners at voxel centres), an include click just outside it
+    and an exclude click inside it, and the voxels the stand-in must return for them."""
+    axis = volume.slice_orientation(plane).slice_axis
+    in_plane = [a for a in range(3) if a != axis]
+    a, b = np.zeros(3, int), np.zeros(3, int)
+    a[axis] = b[axis] = 3
+    for n, ax in enumerate(in_plane):
+        a[ax], b[ax] = 2 + n, volume.shape[ax] - 2
+    ras = volume.ras_of_voxels()
+    lo, hi = np.minimum(ras[tuple(a)], ras[tuple(b)]), np.maximum(ras[tuple(a)], ras[tuple(b)])
+    start, stop = index_box_of_ras(volume, lo, hi)
+    idx = np.indices(volume.shape)
+    inside = np.ones(volume.shape, bool)
+    for ax in in_plane:
+        inside &= (idx[ax] >= start[ax] - 1e-6) & (idx[ax] <= stop[ax] + 1e-6)
+    expected = inside & (volume.array > 500)
+    plus = a.copy()
+    plus[in_plane[0]] -= 1  # just outside the box, on the box's slice
+    minus = np.argwhere(expected & (idx[axis] == 3))[0]
+    expected[tuple(plus)], expected[tuple(minus)] = True, False
+    prompts = [BoxPrompt(tuple(lo), tuple(hi), plane, "obj"),
+               PointPrompt(tuple(ras[tuple(plus)]), True, plane, "obj"),
+               PointPrompt(tuple(ras[tuple(minus)]), False, plane, "obj")]
+    return prompts, expected, (a, b, inside)
+
+
+@pytest.mark.parametrize("name,direction", DIRECTIONS, ids=[n for n, _ in DIRECTIONS])
+def test_box_and_points_land_on_the_right_voxels_in_every_storage_order_and_plane(client, name, direction):
+    volume = patterned_volume(direction)
+    for plane in ("axial", "coronal", "sagittal"):
+        prompts, expected, (a, b, inside) = case(volume, plane)
+        if name != "oblique":  # an axis-aligned box is exactly the voxels between its corners
+            axis = volume.slice_orientation(plane).slice_axis
+            lo_i, hi_i = np.minimum(a, b), np.maximum(a, b)
+            idx = np.indices(volume.shape)
+            direct = np.ones(volume.shape, bool)
+            for ax in range(3):
+                if ax != axis:
+                    direct &= (idx[ax] >= lo_i[ax]) & (idx[ax] <= hi_i[ax])
+            assert np.array_equal(inside, direct)
+        result = client.run(volume, MODEL, prompts, keep_largest=False, timeout=60)
+        (segment,) = result.segments
+        wrong = int(np.count_nonzero(segment.mask != expected))
+        assert wrong == 0, f"{name} {plane}: {wrong} wrong voxels"
+        assert result.report["targets"]["obj"]["plane"] == plane
+
+
+def in_process(volume, prompts, **kwargs):
+    from biomedseg.engine import segment
+
+    return segment(volume, MODEL, prompts, **kwargs)
+
+
+def test_a_click_in_the_session_is_a_correction_that_recomputes_only_its_frames(standin):
+    volume = patterned_volume(DIRECTIONS[5][1])
+    prompts, expected, _ = case(volume, "axial")
+    box = prompts[0]
+    first = in_process(volume, [box], session="m1", keep_largest=False)
+    target = first.report["targets"]["obj"]
+    assert target["how"] == "propagated" and target["slices_encoded"] == SHAPE[0]
+    before = first.segments[0].mask
+    # an exclude click on another slice: a correction, no frame encoded again
+    axis = volume.slice_orientation("axial").slice_axis
+    idx = np.indices(volume.shape)
+    far = np.argwhere(before & (idx[axis] == 5))[0]
+    click = PointPrompt(tuple(volume.ras_of_voxels()[tuple(far)]), False, "axial", "obj")
+    second = in_process(None, [box, click], session="m1", keep_largest=False)
+    target = second.report["targets"]["obj"]
+    assert target["how"] == "corrected" and target["slices_encoded"] == 0
+    after = second.segments[0].mask
+    assert not after[tuple(far)] and np.count_nonzero(before != after) == 1
+    # the stand-in recomputed from the clicked frame to the end (no conditioning frame beyond it),
+    # and back to the box's frame (exclusive)
+    from biomedseg.models.medsam2.framing import Framing
+
+    framing = Framing(volume, "axial")
+    click_frame = framing.frame_of_slice(int(far[axis]))
+    box_frame = framing.frame_of_slice(3)
+    video = type_of_standin().videos[-1]
+    lo, hi = sorted((box_frame, click_frame))
+    expected_call = ("correct", click_frame, box_frame + 1 if click_frame > box_frame else 0,
+                     SHAPE[0] - 1 if click_frame > box_frame else box_frame - 1)
+    assert video.calls[-1] == expected_call and lo < hi
+    # the same prompts again: nothing recomputed; an undone click: the object from its prompts again
+    third = in_process(None, [box, click], session="m1", keep_largest=False)
+    assert third.report["targets"]["obj"]["how"] == "unchanged"
+    fourth = in_process(None, [box], session="m1", keep_largest=False)
+    assert fourth.report["targets"]["obj"]["how"] == "propagated"
+    assert np.array_equal(fourth.segments[0].mask, before)
+
+
+def type_of_standin():
+    from biomedseg.catalog import get_model, import_model_module
+
+    return import_model_module(get_model(MODEL), "backend").StandInMedSAM2
+
+
+def test_a_segment_as_the_prompt_is_refined_over_its_extent_only(standin):
+    volume = patterned_volume(DIRECTIONS[20][1])
+    axis = volume.slice_orientation("axial").slice_axis
+    idx = np.indices(volume.shape)
+    seg = np.zeros(volume.shape, bool)
+    seg[tuple(slice(2, 5) if ax != axis else slice(3, 5) for ax in range(3))] = True
+    seg[tuple(slice(3, 4) if ax != axis else slice(4, 5) for ax in range(3))] = True
+    result = in_process(volume, [MaskPrompt(seg, "liver")], keep_largest=False, options={"margin": 1})
+    # box mode: the bounding box of the largest slice of the segment, on the segment's slices +- 1
+    areas = [seg.take(s, axis=axis).sum() for s in range(volume.shape[axis])]
+    key = int(np.argmax(areas))
+    key_mask = seg.take(key, axis=axis)
+    rows = np.nonzero(key_mask)
+    in_plane = [a for a in range(3) if a != axis]
+    box = np.ones(volume.shape, bool)
+    for n, ax in enumerate(in_plane):
+        box &= (idx[ax] >= rows[n].min()) & (idx[ax] <= rows[n].max())
+    box &= (idx[axis] >= 2) & (idx[axis] <= 5)
+    assert np.array_equal(result.segments[0].mask, box & (volume.array > 500))
+    # mask mode: the mask itself on the key slice
+    masked = in_process(volume, [MaskPrompt(seg, "liver")], keep_largest=False, options={"mask_prompt": "mask"})
+    key_slice = [slice(None)] * 3
+    key_slice[axis] = key
+    assert np.array_equal(masked.segments[0].mask[tuple(key_slice)], key_mask)
+
+
+def test_cancel_stops_a_propagation_and_the_next_run_starts_clean(client):
+    volume = patterned_volume(DIRECTIONS[0][1])
+    prompts, expected, _ = case(volume, "axial")
+    job = client.submit(volume, MODEL, prompts, session="c1", keep_largest=False, options={"delay": 0.5})
+    time.sleep(1.0)
+    asked = time.perf_counter()
+    client.cancel(job)
+    with pytest.raises(CancelledError):
+        client.wait(job, timeout=30)
+    assert time.perf_counter() - asked < 1.5
+    # the cancelled job opened the session, so the image goes again
+    again = client.run(volume, MODEL, prompts, session="c1", keep_largest=False, timeout=60)
+    assert np.array_equal(again.segments[0].mask, expected)
+    assert again.report["targets"]["obj"]["how"] == "propagated"
+
+
+def test_what_medsam2_refuses_before_any_weights(standin):
+    volume = patterned_volume(DIRECTIONS[0][1])
+    with pytest.raises(InputError, match="does not take text prompts"):
+        in_process(volume, [TextPrompt("liver")])
+    prompts, _, _ = case(volume, "axial")
+    coronal_box = BoxPrompt(prompts[0].ras_min, prompts[0].ras_max, "coronal", "obj")
+    with pytest.raises(InputError, match="more than one plane"):
+        in_process(volume, [prompts[0], coronal_box])
+    with pytest.raises(InputError, match="is empty"):
+        in_process(volume, [MaskPrompt(np.zeros(volume.shape, bool), "x")])
+    with pytest.raises(InputError, match="window"):
+        in_process(volume, [prompts[0]], options={"window": "3,1"})
+
+
+def test_the_catalogue_lists_the_released_checkpoints_as_variants():
+    from biomedseg.catalog import get_model
+
+    base = get_model("medsam2")
+    assert base.weights["repo"] == "wanglab/MedSAM2" and base.weights["files"] == ["MedSAM2_latest.pt"]
+    for model_id, file in [("medsam2-2411", "MedSAM2_2411.pt"), ("medsam2-ct-lesion", "MedSAM2_CTLesion.pt"),
+                           ("medsam2-mri-liver-lesion", "MedSAM2_MRI_LiverLesion.pt"),
+                           ("medsam2-us-heart", "MedSAM2_US_Heart.pt")]:
+        variant = get_model(model_id)
+        assert variant.weights["files"] == [file] and variant.weights["sha256"] is None
+        assert variant.backend == base.backend and variant.options == base.options
+        assert variant.data["variant_of"] == "medsam2" and variant.interactive
