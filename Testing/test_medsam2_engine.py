@@ -232,3 +232,65 @@ def test_the_catalogue_lists_the_released_checkpoints_as_variants():
         assert variant.weights["files"] == [file] and variant.weights["sha256"] is None
         assert variant.backend == base.backend and variant.options == base.options
         assert variant.data["variant_of"] == "medsam2" and variant.interactive
+
+
+# ---- the real network through the engine, on a checkpoint this test writes ----------------------
+@pytest.fixture(scope="module")
+def detweights_checkpoint(tmp_path_factory):
+    import torch
+
+    from biomedseg.models.medsam2.network import MedSAM2Net
+    from conftest import load_detweights
+
+    net = MedSAM2Net()
+    load_detweights().fill_module(net)
+    path = tmp_path_factory.mktemp("medsam2") / "MedSAM2_latest.pt"
+    torch.save({"model": net.state_dict()}, path)
+    return path
+
+
+def test_the_real_model_loads_the_authors_file_form_and_a_click_reuses_every_embedding(detweights_checkpoint):
+    from biomedseg.engine import segment
+    from biomedseg.engine.sessions import SESSIONS
+
+    volume = patterned_volume(DIRECTIONS[9][1])
+    prompts, _, _ = case(volume, "axial")
+    n_frames = volume.shape[volume.slice_orientation("axial").slice_axis]
+    first = segment(volume, "medsam2", [prompts[0]], weights=str(detweights_checkpoint), session="real",
+                    keep_largest=False)
+    target = first.report["targets"]["obj"]
+    assert target["how"] == "propagated" and target["slices_encoded"] == n_frames
+    assert first.report["plan"]["memory"] == "bfloat16" and "percentile" in first.report["plan"]["window"]
+    assert first.segments and first.segments[0].mask.shape == volume.shape
+    cache = first.report["feature_cache"]
+    assert cache["slices"] == n_frames and 0 < cache["bytes_per_slice"] <= 5 * 2 ** 20
+    second = segment(None, "medsam2", prompts, weights=str(detweights_checkpoint), session="real",
+                     keep_largest=False)
+    target = second.report["targets"]["obj"]
+    assert target["how"] == "corrected" and target["slices_encoded"] == 0
+    assert sorted(target["conditioning_frames"]) == target["conditioning_frames"]
+    # a new session on the same image (e.g. reopened, or another slice range) reuses the features too
+    third = segment(volume, "medsam2", [prompts[0]], weights=str(detweights_checkpoint), session="other",
+                    keep_largest=False)
+    assert third.report["targets"]["obj"]["slices_encoded"] == 0
+    assert np.array_equal(third.segments[0].mask, first.segments[0].mask)
+    SESSIONS.close("real"), SESSIONS.close("other")
+
+
+def test_a_wrong_or_damaged_checkpoint_is_refused_with_what_is_wrong(tmp_path, detweights_checkpoint):
+    import torch
+
+    from biomedseg.engine import segment
+
+    volume = patterned_volume(DIRECTIONS[0][1])
+    prompts, _, _ = case(volume, "axial")
+    state = torch.load(detweights_checkpoint, weights_only=True)["model"]
+    state.pop("no_obj_ptr")
+    partial = tmp_path / "partial.pt"
+    torch.save({"model": state}, partial)
+    with pytest.raises(InputError, match="1 missing key.*no_obj_ptr"):
+        segment(volume, "medsam2", [prompts[0]], weights=str(partial))
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(detweights_checkpoint.read_bytes()[:5000])
+    with pytest.raises(InputError, match="damaged or partial|Could not read"):
+        segment(volume, "medsam2", [prompts[0]], weights=str(damaged))

@@ -112,6 +112,9 @@ class StandInMedSAM2(MedSAM2Backend):
     def frame_store(self, grey):
         return StandInStore(grey)
 
+    def encodings(self, store):
+        return store.encoded
+
     def new_video(self, store, *, cancelled, progress):
         video = StandInVideo(store, self.current_delay, cancelled, progress)
         type(self).videos.append(video)

@@ -101,6 +101,10 @@ class MedSAM2Backend(Backend):
         # The store's own cache is only per-index bookkeeping: the bounded one is ``self.features``.
         return FrameStore(get_frame, grey.shape[0], grey.shape[1:], encode, cache_bytes=0)
 
+    def encodings(self, store) -> int:
+        """Image-encoder runs so far (misses of the feature cache; the store's own count includes hits)."""
+        return self.features.misses
+
     def new_video(self, store, *, cancelled, progress):
         from .video import ObjectVideo
 

@@ -88,7 +88,7 @@ class MedSAM2Session:
             framing, _, store = self._frames(plane, progress, cancelled)
             wanted = target_frames(framing, prompts, target, mask_as=self.details["mask_prompt"],
                                    mask_key_frames=self.details["key_slices"], margin=self.details["margin"])
-            encoded_before = store.encoded
+            encoded_before = self.backend.encodings(store)
             try:
                 recomputed, how = self._apply(target, wanted, store, progress, cancelled)
             except CancelledError:
@@ -104,7 +104,7 @@ class MedSAM2Session:
             report["targets"][target] = {
                 "plane": plane, "how": how, "frames": [wanted.lo, wanted.hi],
                 "conditioning_frames": conditioning, "recomputed_frames": len(recomputed),
-                "slices_encoded": store.encoded - encoded_before,
+                "slices_encoded": self.backend.encodings(store) - encoded_before,
                 "object_scores": {int(k): round(float(v), 4) for k, v in tracked.video.object_scores.items()
                                   if k in conditioning}}
         report["feature_cache"] = self.backend.features.describe()
