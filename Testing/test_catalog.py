@@ -28,9 +28,12 @@ def bundled() -> list[dict]:
 
 
 def test_every_model_folder_matches_the_schema_and_names_files_it_has():
-    data = bundled()
+    from biomedseg.catalog import expand_variants
+
+    data = [entry for raw in bundled() for entry in expand_variants(raw)]
     validate_entries(data)
-    assert {m["id"] for m in data} == {e.id for e in load_catalog()} >= {"deepbet", "biomedparse-v1", "hermes"}
+    assert {m["id"] for m in data} == {e.id for e in load_catalog()} >= {"deepbet", "biomedparse-v1", "hermes",
+                                                                          "medsam2", "medsam2-ct-lesion"}
     for entry in load_catalog():
         module, _, cls = entry.backend.partition(":")
         assert (entry.folder / f"{module}.py").is_file(), entry.id
