@@ -254,7 +254,9 @@ def test_the_real_model_loads_the_authors_file_form_and_a_click_reuses_every_emb
     from biomedseg.engine.sessions import SESSIONS
 
     volume = patterned_volume(DIRECTIONS[0][1])  # 8 axial frames: the fewest a 3D model takes
-    prompts, _, _ = case(volume, "axial")
+    k = np.indices(volume.shape)[0]
+    volume = volume.with_array((volume.array + 10 * k).astype(np.int16))  # no two slices alike (the cache
+    prompts, _, _ = case(volume, "axial")                                  # would share repeated ones)
     n_frames = volume.shape[volume.slice_orientation("axial").slice_axis]
     first = segment(volume, "medsam2", [prompts[0]], weights=str(detweights_checkpoint), session="real",
                     keep_largest=False)
@@ -294,3 +296,70 @@ def test_a_wrong_or_damaged_checkpoint_is_refused_with_what_is_wrong(tmp_path, d
     damaged.write_bytes(detweights_checkpoint.read_bytes()[:5000])
     with pytest.raises(InputError, match="damaged or partial|Could not read"):
         segment(volume, "medsam2", [prompts[0]], weights=str(damaged))
+
+
+# ---- the command line ---------------------------------------------------------------------------
+def test_cli_boxes_and_points_in_every_spelling_and_a_prompts_file_give_the_same_voxels(standin, tmp_path):
+    import json
+
+    import slicerio
+
+    from biomedseg.cli import main
+    from biomedseg.io import write_volume
+
+    volume = patterned_volume(DIRECTIONS[33][1])
+    image = write_volume(tmp_path / "image.nrrd", volume)
+    prompts, expected, _ = case(volume, "coronal")
+    box, plus, minus = prompts
+    corners = ",".join(f"{v:.6f}" for v in box.ras_min + box.ras_max)
+    csv = lambda p: ",".join(f"{v:.6f}" for v in p.ras)  # noqa: E731
+    spellings = {
+        "commas": ["--box", corners, "--point", csv(plus), "--point", csv(minus) + ",exclude"],
+        "numbers": ["--box", *corners.split(","), "--point", *csv(plus).split(","),
+                    "--exclude-point", *csv(minus).split(",")],
+    }
+    objects = {"objects": [{"target": "obj", "plane": "coronal", "boxes": [list(box.ras_min + box.ras_max)],
+                            "points": [list(plus.ras)], "exclude_points": [list(minus.ras)]}]}
+    (tmp_path / "prompts.json").write_text(json.dumps(objects))
+    spellings["file"] = ["--prompts", str(tmp_path / "prompts.json")]
+    for name, words in spellings.items():
+        out = tmp_path / f"{name}.seg.nrrd"
+        rc = main(["segment", str(image), "--model", MODEL, *words, "--plane", "coronal", "--target", "obj",
+                   "--no-largest", "--in-process", "-q", "-o", str(out)])
+        assert rc == 0, name
+        seg = slicerio.read_segmentation(str(out))
+        mask = np.transpose(slicerio.segment_mask(seg, "obj"), (2, 1, 0))
+        from biomedseg.io.segmentation_reader import read_segments
+
+        (read,), _ = read_segments(out, volume)
+        assert np.count_nonzero(read.mask != expected) == 0, name
+        assert mask.sum() == expected.sum()
+    assert main(["segment", str(image), "--model", MODEL, "--box", "1,2,3", "-o", str(tmp_path / "x.seg.nrrd")]) == 2
+
+
+def test_cli_refine_keeps_the_other_segments_bit_identical(standin, tmp_path, capsys):
+    from biomedseg.cli import main
+    from biomedseg.io import write_segmentation, write_volume
+    from biomedseg.io.segmentation_reader import read_segments
+    from biomedseg.segments import Segment
+
+    volume = patterned_volume(DIRECTIONS[0][1])
+    image = write_volume(tmp_path / "image.nii.gz", volume)
+    liver = np.zeros(volume.shape, bool)
+    liver[2:5, 3:6, 4:8] = True
+    other = np.zeros(volume.shape, bool)
+    other[5:8, 0:3, 0:3] = True
+    write_segmentation(tmp_path / "organs.seg.nrrd", volume,
+                       [Segment("liver", liver, (0.8, 0.3, 0.2)), Segment("kidney", other, (0.1, 0.5, 0.9))])
+    out = tmp_path / "refined.seg.nrrd"
+    assert main(["refine", str(image), "--segmentation", str(tmp_path / "organs.seg.nrrd"), "--segment", "Liver",
+                 "--model", MODEL, "--no-largest", "--in-process", "-q", "-o", str(out)]) == 0
+    segments, notes = read_segments(out, volume)
+    by_name = {s.name: s for s in segments}
+    assert set(by_name) == {"liver", "kidney"} and notes == []
+    assert np.array_equal(by_name["kidney"].mask, other)
+    assert np.allclose(by_name["liver"].color, (0.8, 0.3, 0.2))
+    assert not np.array_equal(by_name["liver"].mask, liver) and by_name["liver"].mask.any()
+    assert main(["refine", str(image), "--segmentation", str(tmp_path / "organs.seg.nrrd"), "--segment", "spleen",
+                 "--model", MODEL, "--in-process", "-o", str(tmp_path / "y.seg.nrrd")]) == 2
+    assert "has no segment called 'spleen'; it has 'liver', 'kidney'" in capsys.readouterr().err
