@@ -32,6 +32,7 @@ from biomedseg import panel, slicer_bridge  # noqa: E402
 from biomedseg.catalog import default_model_id  # noqa: E402
 from biomedseg.errors import BiomedSegError  # noqa: E402
 from biomedseg.slicer_bridge import application as app  # noqa: E402
+from BiomedSegLib.correct import CorrectSection  # noqa: E402
 from BiomedSegLib.first_run import FirstRunInstalls  # noqa: E402
 
 POLL_INTERVAL_MS = 100
@@ -84,7 +85,7 @@ class BiomedSegParameterNode:
 
 # ---- Widget: a thin view ----
 
-class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRunInstalls):
+class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRunInstalls, CorrectSection):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -140,6 +141,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
         for selector in (self.ui.outputSegmentationSelector, self.ui.promptMarkupsSelector):
             selector.connect("currentNodeChanged(vtkMRMLNode*)", lambda _: self.updateButtons())
 
+        self.setupCorrectSection()
         self.showMessage(None)
         self.ui.absentLabel.visible = False
         self.ui.progressBar.setValue(0)
@@ -151,6 +153,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
 
     def cleanup(self):
         self.timer.stop()
+        self.removeCorrectShortcuts()
         if self.logic is not None:
             self.logic.installs.cancel()
             self.logic.controller.close()
@@ -158,8 +161,10 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
 
     def enter(self):
         self.initializeParameterNode()
+        self.updateCorrectSection()  # its keys work while the module is shown
 
     def exit(self):
+        self.removeCorrectShortcuts()
         if self._parameterNode:  # a running job keeps being polled; only the GUI binding stops
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -167,6 +172,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
 
     def onSceneStartClose(self, caller, event):
         self.logic.controller.forget_scene()
+        self.forgetCorrections()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -268,6 +274,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
         for widget in (self.ui.promptMarkupsLabel, self.ui.promptMarkupsSelector):
             widget.visible = choice.takes_markups
         self.showModelView(modalities=True)
+        self.updateCorrectSection()
         self.updateButtons()
 
     def showModelView(self, modalities=False):
@@ -385,6 +392,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
             self.timer.stop()
             self.showOutcome(result.outcome)
             self.updateButtons()
+            self.onCorrectionFinished(result.outcome)
 
     def showProgress(self, progress):
         if progress.percent is None:
@@ -461,6 +469,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
             has_result=self._resultSegmentation() is not None)
         for name, enabled in states.items():
             getattr(self.ui, name).enabled = enabled
+        self.updateCorrectButtons()
 
     def _resultSegmentation(self):
         p = self._parameterNode
@@ -525,6 +534,7 @@ class BiomedSegLogic(ScriptedLoadableModuleLogic):
         self.controller = panel.PanelController(slicer.mrmlScene, terminology_lookup=app.slicer_terminology,
                                                 default_python=app.slicer_python(),
                                                 isolated_env=self.installs.isolated_env())
+        self.corrections = panel.CorrectionController(self.controller)  # the Correct section (interactive models)
 
     def getParameterNode(self):
         return BiomedSegParameterNode(super().getParameterNode())

@@ -354,3 +354,74 @@ def test_render_script_writes_the_panel_png(tmp_path, colin_path):
     assert image.width() >= 400 and image.height() >= 700
     colours = {image.pixel(x, y) for x in range(0, image.width(), 7) for y in range(0, image.height(), 7)}
     assert len(colours) > 20  # drawn widgets, not a blank page
+
+
+CORRECT_WIDGETS = {"correctCollapsibleButton": "ctkCollapsibleButton", "correctSegmentComboBox": "QComboBox",
+                   "boxToolButton": "QPushButton", "includeToolButton": "QPushButton",
+                   "excludeToolButton": "QPushButton", "propagateButton": "QPushButton",
+                   "correctFirstSpinBox": "QSpinBox", "correctLastSpinBox": "QSpinBox", "refineButton": "QPushButton",
+                   "correctUndoButton": "QPushButton", "clearPromptsButton": "QPushButton",
+                   "nextClickLabel": "QLabel", "correctRulesLabel": "QLabel", "correctStatusLabel": "QLabel"}
+
+
+def test_correct_section_has_its_tools_and_each_key_is_wired(ui_classes, panel):
+    """The Correct section: box / include / exclude place-mode buttons (checkable), Refine, Propagate with a
+    slice range, Undo and the 'next click' line; every key of panel.SHORTCUTS reaches a handler."""
+    from PySide6.QtWidgets import QPushButton
+
+    from biomedseg.panel import SHORTCUTS
+
+    for name, cls in CORRECT_WIDGETS.items():
+        assert ui_classes.get(name) == cls, (name, ui_classes.get(name))
+    for name in ("boxToolButton", "includeToolButton", "excludeToolButton"):
+        assert panel.findChild(QPushButton, name).isCheckable(), name
+    for name, key in (("boxToolButton", "D"), ("includeToolButton", "I"), ("excludeToolButton", "E"),
+                      ("propagateButton", "P"), ("refineButton", "M"), ("correctUndoButton", "Z")):
+        assert f"({key})" in panel.findChild(QPushButton, name).text(), name  # the button shows its key
+    source = (MODULE.parent / "BiomedSegLib" / "correct.py").read_text()
+    tree = ast.parse(source)
+    handler = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "onCorrectShortcut")
+    handled = {c.value for c in ast.walk(handler) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    assert set(SHORTCUTS) - {"box", "include", "exclude"} <= handled and "TOOL_BUTTONS" in ast.unparse(handler)
+    assert "qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())" in source
+    # keys live while the module is shown: installed on enter (when the section shows), removed on exit
+    widget = next(n for n in ast.parse(MODULE.read_text()).body if isinstance(n, ast.ClassDef)
+                  and n.name == "BiomedSegWidget")
+    methods = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    assert "self.updateCorrectSection()" in methods["enter"] and "self.removeCorrectShortcuts()" in methods["exit"]
+    assert "self.removeCorrectShortcuts()" in methods["cleanup"]
+
+
+def test_correct_section_shows_for_interactive_models_only(monkeypatch):
+    from biomedseg.catalog import load_catalog
+    from biomedseg.panel.correction import is_interactive
+
+    monkeypatch.setenv("BIOMEDSEG_EXTRA_MODELS", str(ROOT / "Testing" / "toy_models"))
+    load_catalog.cache_clear()
+    try:
+        assert is_interactive("toy-click-session") and not is_interactive("deepbet")
+        assert not is_interactive("no-such-model")
+    finally:
+        monkeypatch.delenv("BIOMEDSEG_EXTRA_MODELS")
+        load_catalog.cache_clear()
+
+
+def test_render_script_writes_the_correct_section_png_from_a_real_correction(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import render_correct
+
+    run = render_correct.capture_correction()
+    # the picture's figures are a real run's: a propagation, then one click in the same worker session
+    assert run["first"].action == "propagated" and run["first"].image_sent
+    second = run["second"]
+    assert second.action == "corrected" and not second.image_sent and second.recomputed == 9
+    assert second.summary.startswith("Corrected 'organ': 9 of 20 slices recomputed")
+    assert run["hint"] == "Include point on slice 8 (axial): adds to 'organ' and recomputes slices 5-14."
+    out = render_correct.render(tmp_path / "correct.png", run=run)
+    from PySide6.QtGui import QImage
+
+    image = QImage(str(out))
+    assert image.width() >= 380 and image.height() >= 200
+    colours = {image.pixel(x, y) for x in range(0, image.width(), 5) for y in range(0, image.height(), 5)}
+    assert len(colours) > 20
+    assert (ROOT / "Resources" / "Screenshots" / "correct_section.png").exists()  # the README's picture

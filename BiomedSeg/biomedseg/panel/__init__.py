@@ -13,6 +13,9 @@ wrong lives in this package, one module per job, and is tested against real MRML
 - ``request``: the worker request built and checked from the panel state (prompts, region, options);
 - ``messages``: progress with the time left, errors as a sentence with what to do, buttons;
 - ``controller``: submit, poll, apply with undo (add or overwrite), cancel, export;
+- ``correction``: the Correct section for interactive models: boxes and clicks, propagate over a
+  slice range, refine a segment, corrections in the same worker session, undo, and what the next
+  click will do (writes only inside the Segment Editor's editable area);
 - ``install`` and ``background_steps``: first-run installs and downloads that never replace
   the packages of Slicer's own Python, run as background processes;
 - ``worker_python``: the environment of a Python other than Slicer's.
@@ -21,6 +24,7 @@ MRML nodes are only passed through to ``slicer_bridge``; nothing here touches th
 """
 from .background_steps import BackgroundSteps
 from .controller import PanelController, PollResult
+from .correction import SHORTCUTS, TOOLS, CorrectionController, CorrectionOutcome, CorrectionSession
 from .guessing import (Guess, ModelView, guess_modality_site, match_modality, match_site, modalities_for, model_view,
                        read_dicom_tags, sites_for, state_for_guess, suggestions)
 from .install import (DOWNLOAD_CODE, ENGINE_PACKAGES, WORKER_REQUIREMENTS, InstallFinish, InstallFlow, InstallOffer,
@@ -50,6 +54,8 @@ __all__ = [
     "format_seconds", "time_left", "device_label", "ACTION_LABELS",
     # controller
     "PanelController", "PollResult",
+    # correction
+    "CorrectionController", "CorrectionSession", "CorrectionOutcome", "TOOLS", "SHORTCUTS",
     # installs
     "Step", "InstallPlan", "install_plan", "download_plan", "missing_requirements", "missing_engine_packages",
     "constraints_for_installed", "env_python", "hub_cache_bytes", "weights_progress", "BackgroundSteps",

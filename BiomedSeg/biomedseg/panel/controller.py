@@ -45,6 +45,10 @@ class _Run:
     segmentation_node: object
     state: PanelState
     cancel_requested: bool = False
+    #: ``apply(result) -> RunOutcome`` instead of the default write (the correction workflow's own)
+    apply: Callable | None = None
+    #: ``retry(error) -> Job | None``: a job to run instead when this one fails (None: report the failure)
+    retry: Callable | None = None
 
 
 class PanelController:
@@ -127,9 +131,21 @@ class PanelController:
         volume = slicer_bridge.volume_from_node(volume_node, harden_transform=True)
         roi = slicer_bridge.roi_ras_bounds(roi_node) if roi_node is not None else None
         request = build_request(state, volume, roi, prompt_nodes)
+        return self.submit(request, volume_node, segmentation_node, state)
+
+    def submit(self, request: Request, volume_node, segmentation_node, state: PanelState, *,
+               apply: Callable | None = None, retry: Callable | None = None, session: str | None = None,
+               send_volume: bool = True):
+        """Hand a checked request to the worker as the panel's one run (poll, progress and cancel as for
+        ``start``). ``apply(result) -> RunOutcome`` replaces the default write when it ends; ``session``
+        runs it in an interactive worker session, on the image already there when ``send_volume`` is False;
+        ``retry(error)`` may return a job to run instead of reporting a failure (a session the worker lost)."""
+        if self.run is not None:
+            raise InputError("A segmentation is already running.", hint="Wait for it or press Cancel.")
         client = self.client_for(state.worker_python)
-        job = client.submit(request.volume, request.model, request.prompts, **request.kwargs)
-        self.run = _Run(job, request, volume_node, segmentation_node, state)
+        job = client.submit(request.volume if send_volume else None, request.model, request.prompts, session=session,
+                            **request.kwargs)
+        self.run = _Run(job, request, volume_node, segmentation_node, state, apply=apply, retry=retry)
         self.last_outcome = None
         return job
 
@@ -157,9 +173,13 @@ class PanelController:
             return self._finish(RunOutcome("cancelled", message=PanelMessage(
                 "Cancelled; nothing was changed.", "cancelled")))
         if job.state == "failed":
+            again = self.run.retry(job.error) if self.run.retry is not None else None
+            if again is not None:
+                self.run.job, self.run.retry = again, None
+                return PollResult(describe_progress(again))
             return self._finish(RunOutcome("failed", message=describe_error(job.error)))
         try:
-            outcome = self._apply(self.run, job.result)
+            outcome = self.run.apply(job.result) if self.run.apply else self._apply(self.run, job.result)
         except BiomedSegError as exc:
             outcome = RunOutcome("failed", message=describe_error(exc))
         return self._finish(outcome)

@@ -49,8 +49,9 @@ def geometric_prompts(state: PanelState, volume: Volume, prompt_nodes, entry) ->
 
 
 def build_request(state: PanelState, volume: Volume, roi_bounds: tuple | None = None,
-                  prompt_nodes=None) -> Request:
-    """Check the panel state against the catalogue and turn it into a worker request."""
+                  prompt_nodes=None, prompts: list | None = None) -> Request:
+    """Check the panel state against the catalogue and turn it into a worker request
+    (``prompts``: typed prompts in RAS beyond the state's text and the markups nodes)."""
     entry = get_model(state.model)
     if not entry.data.get("backend"):
         raise InputError(f"Model '{state.model}' is not available in this version of BiomedSeg.",
@@ -58,8 +59,8 @@ def build_request(state: PanelState, volume: Volume, roi_bounds: tuple | None = 
     if not device_supported(entry, state.device):
         raise InputError(f"Model '{state.model}' does not run on '{state.device}'; it runs on "
                          f"{', '.join(entry.data.get('devices', []))}.", hint="Set the device to auto.")
-    prompts = [TextPrompt(p) for p in parse_prompts(state.prompts)]
-    prompts = check_prompts(state.model, prompts + geometric_prompts(state, volume, prompt_nodes, entry))
+    typed = [TextPrompt(p) for p in parse_prompts(state.prompts)] + list(prompts or [])
+    prompts = check_prompts(state.model, typed + geometric_prompts(state, volume, prompt_nodes, entry))
     if state.postprocess not in POSTPROCESS:
         raise InputError(f"Unknown post-processing '{state.postprocess}'; use one of {', '.join(POSTPROCESS)}.")
     if state.slice_axis not in SLICE_AXES:

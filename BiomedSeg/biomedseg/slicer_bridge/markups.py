@@ -38,3 +38,30 @@ def prompts_from_markups(node, target: str = "object", plane: str | None = "axia
             raise InputError(f"The point list '{node_label(node)}' has no points; click on the image first.")
         return points
     raise InputError(f"'{node_label(node)}' is a {node.GetClassName()}; use an ROI (a box) or a point list as a prompt.")
+
+
+def control_point_prompt(node, index: int, include: bool = True, plane: str | None = "axial",
+                         target: str = "object") -> PointPrompt:
+    """One control point of a point list as a click (world RAS), e.g. the one a person just placed."""
+    if not 0 <= index < node.GetNumberOfControlPoints():
+        raise InputError(f"The point list '{node_label(node)}' has no point {index + 1}.")
+    position = [0.0, 0.0, 0.0]
+    node.GetNthControlPointPositionWorld(index, position)
+    return PointPrompt(tuple(position), include, plane, target)
+
+
+def control_point_id(node, index: int) -> str:
+    return node.GetNthControlPointID(index) or ""
+
+
+def remove_markup(node, point_id: str | None = None) -> None:
+    """Take back a placed prompt: the control point with ``point_id``, or (None) the whole node (a box)."""
+    if node is None:
+        return
+    if point_id is None:
+        if node.GetScene() is not None:
+            node.GetScene().RemoveNode(node)
+        return
+    index = node.GetNthControlPointIndexByID(point_id)
+    if index >= 0:
+        node.RemoveNthControlPoint(index)

@@ -105,6 +105,25 @@ def volume_from_node(node, harden_transform: bool = False) -> Volume:
     return Volume(array, ijk_to_ras, name=node.GetName() or "", meta=meta, channels_last=n_comp > 1)
 
 
+def grid_of(node, harden_transform: bool = True) -> Volume:
+    """A volume node's voxel grid in world RAS as a ``Volume`` whose voxels are a read-only zero view (nothing
+    copied): for geometry only (regions, prompts on the grid, writing a mask on it)."""
+    label = node_label(node)
+    image = node.GetImageData() if node is not None else None
+    if image is None:
+        raise InputError(f"The volume '{label if node is not None else 'None'}' holds no voxels; load an image first.")
+    to_world = _to_world_matrix(node, harden_transform)
+    nx, ny, nz = image.GetDimensions()
+    ijk_to_ras = _ijk_to_ras_of(node)
+    extent = image.GetExtent()
+    if extent[0] or extent[2] or extent[4]:
+        ijk_to_ras[:3, 3] = (ijk_to_ras @ np.array([extent[0], extent[2], extent[4], 1.0]))[:3]
+    if to_world is not None:
+        ijk_to_ras = to_world @ ijk_to_ras
+    return Volume(np.broadcast_to(np.zeros((), np.uint8), (nz, ny, nx)), ijk_to_ras, name=node.GetName() or "",
+                  meta={"source": "slicer", "node_id": node.GetID(), "geometry_only": True})
+
+
 def _ijk_to_ras_of(node) -> np.ndarray:
     import vtk
 
