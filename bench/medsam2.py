@@ -78,7 +78,11 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=8)
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--write-checkpoint", metavar="FOLDER", help="only write the deterministic-weights checkpoint")
     args = parser.parse_args()
+    if args.write_checkpoint:
+        print(write_checkpoint(Path(args.write_checkpoint)))
+        return
     import torch
 
     from biomedseg.engine import segment

@@ -10,7 +10,11 @@ same worker session. The status line is that correction's outcome, the hint is w
 include click on the missed part will do, the rules line is the Segment Editor's settings in that
 scene, and the buttons follow the controller's state. Slicer's own views and styling are not shown.
 
-    QT_QPA_PLATFORM=offscreen python scripts/render_correct.py [OUT.png]
+    QT_QPA_PLATFORM=offscreen python scripts/render_correct.py [OUT.png] [--medsam2-weights CKPT]
+
+With ``--medsam2-weights`` the run is MedSAM2's (the README's picture: a checkpoint of the
+deterministic parity weights, written by ``bench/medsam2.py --write-checkpoint``, so the figures are
+a real run's but the mask is not a trained model's).
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ sys.path.insert(0, str(ROOT / "BiomedSeg"))
 DEFAULT_OUT = ROOT / "Resources" / "Screenshots" / "correct_section.png"
 
 
-def capture_correction(name: str = "organ") -> dict:
-    """Propagate a box, then correct it with one exclude click, through the worker as the panel does."""
+def capture_correction(name: str = "organ", weights: str | None = None) -> dict:
+    """Propagate a box, then correct it with one exclude click, through the worker as the panel does.
+    With ``weights`` (a MedSAM2 checkpoint) the model is MedSAM2 itself instead of the toy."""
     from correction_cases import LEAK, MISSED, MODEL, RANGE, TOY_MODELS, click, phantom, ras, roi
     from conftest import mrml_scene
 
@@ -43,7 +48,8 @@ def capture_correction(name: str = "organ") -> dict:
             node = sb.node_from_volume(scene, volume, volume.name)
             panel = PanelController(scene)
             corrections = CorrectionController(panel)
-            state = PanelState(model=MODEL, prompts=[], show_3d=False)
+            state = PanelState(model="medsam2" if weights else MODEL, prompts=[], show_3d=False,
+                               weights=weights or "")
             try:
                 corrections.begin(state, node, name=name, slice_range=RANGE)
                 corrections.add_box(roi(scene, volume))
@@ -102,14 +108,14 @@ def fill(panel, run: dict) -> None:
     find(QLabel, "correctStatusLabel").setText(run["second"].summary)
 
 
-def render(out: Path = DEFAULT_OUT, width: int = 430, run: dict | None = None) -> Path:
+def render(out: Path = DEFAULT_OUT, width: int = 430, run: dict | None = None, weights: str | None = None) -> Path:
     from qt_standins import application, ctkCollapsibleButton, load_ui
 
     app = application()
     panel, error = load_ui()
     if panel is None:
         raise RuntimeError(f"the .ui does not load: {error}")
-    fill(panel, run if run is not None else capture_correction())
+    fill(panel, run if run is not None else capture_correction(weights=weights))
     panel.resize(width, 100)
     panel.adjustSize()
     panel.resize(width, panel.sizeHint().height())
@@ -125,4 +131,10 @@ def render(out: Path = DEFAULT_OUT, width: int = 430, run: dict | None = None) -
 
 
 if __name__ == "__main__":
-    print(render(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Render the Correct section from a real run.")
+    parser.add_argument("out", nargs="?", default=str(DEFAULT_OUT))
+    parser.add_argument("--medsam2-weights", help="run MedSAM2 with this checkpoint instead of the toy model")
+    args = parser.parse_args()
+    print(render(Path(args.out), weights=args.medsam2_weights))
