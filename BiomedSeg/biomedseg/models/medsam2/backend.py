@@ -2,7 +2,8 @@
 
 ``plan`` settles what a run will do without the weights: each target needs a box, points or
 a mask (text goes to BiomedParse or Hermes first; refine their segment here), the intensity
-window (``windowing``), the plane each target is propagated along (the plane its prompts
+window (``runtime.windows``: the authors window each DeepLesion CT with the
+lesion's own DICOM window; without that table, soft tissue for CT, percentiles otherwise), the plane each target is propagated along (the plane its prompts
 were drawn on), the memory precision and the refine rules. ``load`` reads the authors'
 ``{'model': state_dict}`` checkpoint strictly with ``weights_only=True``. ``open_session``
 keeps the image; each ``Session.run`` applies new prompts (``session``). ``run`` is a
@@ -22,9 +23,9 @@ from biomedseg.models.base import Backend, LoadContext, Plan
 from biomedseg.prompts import PromptSet
 from biomedseg.volume import Volume
 
-from .features import FeatureCache
+from biomedseg.runtime.slice_features import SliceFeatureCache
+from biomedseg.runtime.windows import choose_window
 from .framing import Framing, plane_of, target_frames
-from .windowing import choose_window
 
 DEFAULT_CACHE_MB = 2048
 
@@ -33,7 +34,7 @@ class MedSAM2Backend(Backend):
     def __init__(self, device: str = "cpu"):
         super().__init__(device)
         self.net = self.tracker = None
-        self.features = FeatureCache(DEFAULT_CACHE_MB * 2 ** 20)
+        self.features = SliceFeatureCache(DEFAULT_CACHE_MB * 2 ** 20)
 
     # ---- plan ----------------------------------------------------------------------------
     def plan(self, volume: Volume, prompts: PromptSet, options: dict, *, plane: str = "axial") -> Plan:

@@ -2,7 +2,7 @@
 
 What is kept, and why:
 - the frames of the volume (windowed uint8, display orientation) for the plane in use;
-- the image features of every slice encoded so far, in the backend's ``FeatureCache`` (keyed
+- the image features of every slice encoded so far, in the backend's ``SliceFeatureCache`` (``runtime.slice_features``) (keyed
   by the frame's pixels, so a new session or another slice range over the same slices
   reuses them; bounded in bytes, least recently used out first, recomputed on a miss);
 - per target, the object's video state (conditioning frames, memories, logits).

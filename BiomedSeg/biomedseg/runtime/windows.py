@@ -1,9 +1,8 @@
-"""Which intensity window MedSAM2 sees: the person's choice, else a rule by modality.
+"""Which intensity window a model that takes 8-bit images sees: the person's choice, else a rule.
 
-The authors window each DeepLesion CT with the lesion's own DICOM window and scale everything
-else by its 0.5-99.5 percentiles (as MedSAM does). Without a lesion table we take the soft-
-tissue window for CT (organs and most lesions), named windows on request, and the percentile
-rule for everything that is not CT. The run report states which rule ran.
+For CT the soft-tissue window (organs and most lesions), named windows on request; for anything
+else the 0.5-99.5 percentiles (as MedSAM's preprocessing). ``choose_window`` also says, in words,
+which rule ran, for the run report.
 """
 from __future__ import annotations
 
@@ -11,9 +10,9 @@ import re
 
 import numpy as np
 
-from biomedseg.errors import InputError
-from biomedseg.imaging_guess import guess_modality
-from biomedseg.volume import Volume
+from ..errors import InputError
+from ..imaging_guess import guess_modality
+from ..volume import Volume
 
 #: Named CT windows (HU), lower and upper edge. "lung" is the fixture's window.
 CT_WINDOWS = {"soft-tissue": (-160.0, 240.0), "lung": (-1350.0, 150.0), "bone": (-450.0, 1050.0),
@@ -39,10 +38,10 @@ def choose_window(volume: Volume, option) -> tuple[float, float, str]:
     try:
         lo, hi = (float(v) for v in values)
     except (TypeError, ValueError):
-        raise InputError(f"MedSAM2's window must be LOWER,UPPER, 'percentile' or one of "
+        raise InputError(f"The window must be LOWER,UPPER, 'percentile' or one of "
                          f"{', '.join(CT_WINDOWS)}; got {option!r}.") from None
     if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-        raise InputError(f"MedSAM2's window [{lo}, {hi}] needs finite edges with lower < upper.")
+        raise InputError(f"The window [{lo}, {hi}] needs finite edges with lower < upper.")
     return lo, hi, f"window [{lo:g}, {hi:g}] (chosen)"
 
 

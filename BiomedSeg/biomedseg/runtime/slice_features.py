@@ -1,10 +1,11 @@
-"""The image features of slices already encoded, kept in bounded memory.
+"""Per-slice image features already computed, keyed by the slice's exact model input, in bounded memory.
 
-The image encoder is most of MedSAM2's cost, and a person correcting a mask re-runs the
-same slices many times: with a click, with another slice range, after reopening the image.
+An image encoder is most of an interactive model's cost, and a person correcting a mask or
+checking prompts runs the same slices many times: with a click, with another slice range,
+after reopening the image. (``slicewise.FeatureCache`` keys whole volumes instead.)
 Features are keyed by the exact model input of the slice (a digest of its normalised
 pixels), so any of these reuses them, and a changed window or image can never hit a stale
-entry. Policy: at most ``limit_bytes`` (the model option ``cache_mb``); the least recently
+entry. Policy: at most ``limit_bytes`` (a model option such as MedSAM2's ``cache_mb``); the least recently
 used slice goes first; a slice that was dropped is encoded again when it is needed. Only
 what differs between slices is stored: the position encodings are one shared copy.
 """
@@ -30,7 +31,7 @@ def size_of(features, shared_ids=frozenset()) -> int:
     return sum(t.element_size() * t.nelement() for t in _tensors(features) if id(t) not in shared_ids)
 
 
-class FeatureCache:
+class SliceFeatureCache:
     def __init__(self, limit_bytes: int):
         self.limit_bytes = int(limit_bytes)
         self.entries: "OrderedDict[str, tuple[object, int]]" = OrderedDict()
