@@ -398,6 +398,8 @@ def check_prompts(model_id: str, prompts) -> list:
             raise InputError(f"Model '{model_id}' does not take {p.type} prompts; it takes "
                              f"{', '.join(entry.prompt_types)}.")
         cleaned.append(p)
+    if not cleaned and entry.data.get("prompts_optional"):
+        return []  # the model has a use without prompts (BiomedCLIP recognises the image)
     if not cleaned:
         suggestions = ", ".join(entry.targets()[:8])
         raise InputError(f"No prompt given for model '{model_id}'.",

@@ -213,6 +213,42 @@ def cmd_refine(args) -> int:
     return cmd_segment(args, refine=prompts_for)
 
 
+def cmd_classify(args) -> int:
+    """`classify`: zero-shot labels with probabilities (BiomedCLIP), as the model card's widget."""
+    from .io import read_volume
+    from .prompts import TextPrompt
+
+    labels = [" ".join(str(label).split()) for label in args.labels or []]
+    labels = [label for label in labels if label]
+    if len(labels) < 2:
+        raise InputError("classify needs at least two labels to choose between.",
+                         hint='e.g. --labels "adenocarcinoma histopathology" "squamous cell carcinoma histopathology"')
+    options = model_options(args)
+    options.setdefault("task", "classify")
+    volume = read_volume(args.input, series_uid=args.series_uid)
+    run = dict(device=args.device, weights=args.weights, options=options, region=region_of(args))
+    if args.in_process:
+        from .engine import segment
+
+        result = segment(volume, args.model, [TextPrompt(label) for label in labels], **run)
+    else:
+        from .worker.client import WorkerClient
+
+        client = WorkerClient(python=args.worker_python)
+        try:
+            result = client.run(volume, args.model, [TextPrompt(label) for label in labels], **run)
+        finally:
+            client.close()
+    if args.json:
+        print(json.dumps({"model": args.model, "device": result.device, "labels": [l.to_dict() for l in result.labels],
+                          "report": result.summary_dict()["report"]}, indent=2))
+    else:
+        width = max(len(label.name) for label in result.labels)
+        for label in result.labels:
+            print(f"{label.name:<{width}}  {label.score:.4f}")
+    return 0
+
+
 def cmd_segment(args, refine=None) -> int:
     from .catalog import check_options, check_prompts, get_model
     from .io import read_volume, write_segmentation
@@ -412,6 +448,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="store_true", help="write only the refined segment, not the others beside it")
     _run_arguments(p)
     p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("classify", help="zero-shot classification of an image with your labels (BiomedCLIP)")
+    p.add_argument("input", help="image file (PNG/JPEG/TIFF, NIfTI, NRRD, DICOM...)")
+    p.add_argument("--labels", nargs="+", required=True, help="two or more labels, each in quotes")
+    p.add_argument("--model", default="biomedclip", help="a model that returns labels (default: biomedclip)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--series-uid", help="DICOM series to read when a folder holds several")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--weights", help="local weights file or folder instead of the catalogue's source")
+    p.add_argument("--plane", choices=["axial", "coronal", "sagittal"], help="slice plane of a volume (default axial)")
+    p.add_argument("--slice-range", type=int, nargs=2, metavar=("FIRST", "LAST"), help="only these slices")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="model option, e.g. template=...")
+    p.add_argument("--in-process", action="store_true", help="run in this process instead of the worker")
+    p.add_argument("--worker-python", help="Python executable for the worker")
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("doctor", help="report Python, torch, devices, memory and model readiness")
     p.add_argument("--json", action="store_true")
