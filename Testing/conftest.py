@@ -63,6 +63,18 @@ def require_tool(name: str, how: str) -> str:
     return exe
 
 
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """Parity modules run with 2 torch threads (their fixtures' noise was measured at 1 and 2), and put
+    the count back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def colin_path() -> Path:
     return require_file(COLIN, "apt-get install mricron-data")

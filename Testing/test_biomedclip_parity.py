@@ -43,12 +43,7 @@ EXACT = ("images_uint8", "text_ids", "text_attention_mask", "image_names")
 VALID_LENGTHS = (2, 5, 20, 256)  # of the four text rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")  # the fixtures' thread count (conftest)
 
 
 @pytest.fixture(scope="module")

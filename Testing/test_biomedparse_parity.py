@@ -60,12 +60,7 @@ def _png(name: str) -> np.ndarray:
 
 
 # ---- module fixtures: weights, model, one joint forward ------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")  # the fixtures' thread count (conftest)
 
 
 @pytest.fixture(scope="module")

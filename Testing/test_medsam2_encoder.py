@@ -29,12 +29,7 @@ TOL = {"key_fpn0_corner": 5e-5, "key_fpn1_corner": 5e-5, "key_fpn2_corner": 5e-5
 HIGH_RES_CONVS = ("sam_mask_decoder.conv_s0", "sam_mask_decoder.conv_s1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")  # the fixtures' thread count (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -38,12 +38,7 @@ BF16_SCORES = {4: 0.7156090, 5: 0.6480498, 6: 0.6550827, 7: 0.6547408,
                3: 0.6623031, 2: 0.6813073, 1: 0.6812191, 0: 0.6884698}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")  # the fixtures' thread count (conftest)
 
 
 @pytest.fixture(scope="module")

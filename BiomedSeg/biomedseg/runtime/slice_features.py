@@ -15,20 +15,25 @@ import hashlib
 from collections import OrderedDict
 
 
-def _tensors(value):
+def tensors_in(value):
+    """Every tensor (torch or numpy) in nested dicts, lists and tuples."""
     if isinstance(value, dict):
         for item in value.values():
-            yield from _tensors(item)
+            yield from tensors_in(item)
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from _tensors(item)
-    elif hasattr(value, "element_size") and hasattr(value, "nelement"):
+            yield from tensors_in(item)
+    elif hasattr(value, "nbytes") or (hasattr(value, "element_size") and hasattr(value, "nelement")):
         yield value
+
+
+def _bytes(t) -> int:
+    return int(t.element_size() * t.nelement()) if hasattr(t, "element_size") else int(t.nbytes)
 
 
 def size_of(features, shared_ids=frozenset()) -> int:
     """Bytes held by ``features`` apart from the tensors in ``shared_ids``."""
-    return sum(t.element_size() * t.nelement() for t in _tensors(features) if id(t) not in shared_ids)
+    return sum(_bytes(t) for t in tensors_in(features) if id(t) not in shared_ids)
 
 
 class SliceFeatureCache:
@@ -56,7 +61,7 @@ class SliceFeatureCache:
             return found[0]
         self.misses += 1
         features = self._share(encode(frame))
-        shared_ids = frozenset(id(t) for t in _tensors(self.shared))
+        shared_ids = frozenset(id(t) for t in tensors_in(self.shared))
         size = size_of(features, shared_ids)
         self.entries[key] = (features, size)
         self.bytes += size

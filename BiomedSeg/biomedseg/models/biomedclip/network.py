@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from biomedseg.errors import InputError
+from biomedseg.runtime.checkpoints import CheckpointMismatchError  # noqa: F401 -- raised here, caught by callers
+from biomedseg.runtime.checkpoints import check_state_dict as check_state_dict_of
 
 from .text import MAX_POSITIONS, TextTower
 from .vision import ImageTower
@@ -48,10 +50,6 @@ from .vision import ImageTower
 N_KEYS = 351
 VOCAB_SIZE = 30522
 POSITION_IDS_KEY = "text.transformer.embeddings.position_ids"
-
-
-class CheckpointMismatchError(InputError):
-    """The weights file does not hold the tensors BiomedCLIP needs (another model or a damaged file)."""
 
 
 class BiomedCLIPNet(nn.Module):
@@ -108,26 +106,8 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(state: dict, expected: dict[str, tuple[int, ...]]) -> None:
     """Raise ``CheckpointMismatchError`` unless names and shapes equal ``expected`` exactly."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
-                   for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
-    if not (missing or unexpected or wrong):
-        return
-
-    def show(items):
-        return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
-
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {show(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
-    if wrong:
-        parts.append(f"{len(wrong)} shape mismatch(es): {show(wrong)}")
-    raise CheckpointMismatchError(
-        "The BiomedCLIP weights do not match the model (ViT-B/16 + BiomedBERT, 512-d): " + "; ".join(parts) + ".",
-        hint="Use open_clip_pytorch_model.bin of microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224.")
+    check_state_dict_of(state, expected, model='BiomedCLIP (ViT-B/16 + BiomedBERT, 512-d)',
+                        hint='Use open_clip_pytorch_model.bin of microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224.')
 
 
 def apply_renames(state: dict) -> dict:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from biomedseg.errors import InputError
+from biomedseg.runtime.checkpoints import CheckpointMismatchError  # noqa: F401 -- raised here, caught by callers
+from biomedseg.runtime.checkpoints import check_state_dict as check_state_dict_of
 from .model import BiomedParseV1
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ UNUSED_KEYS = (
     "sem_seg_head.predictor.spatial_featured.weight",
 )
 PREFIXES_TO_STRIP = ("model.", "module.")
-
-
-class CheckpointMismatchError(InputError):
-    """The weights file does not hold the tensors this model needs (wrong file or version)."""
 
 
 def is_unused_key(name: str) -> bool:
@@ -71,27 +68,9 @@ def partition_checkpoint(state: dict) -> Partition:
 
 
 def check_against(state: dict, expected: dict) -> None:
-    """Raise ``CheckpointMismatchError`` unless names and shapes match ``expected`` {name: shape} exactly."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
-                   for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
-    if not (missing or unexpected or wrong):
-        return
-
-    def show(items):
-        return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
-
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {show(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
-    if wrong:
-        parts.append(f"{len(wrong)} shape mismatch(es): {show(wrong)}")
-    raise CheckpointMismatchError(
-        "The BiomedParse v1 weights do not match the model: " + "; ".join(parts) + ".",
-        hint="Use the original biomedparse_v1.pt from microsoft/BiomedParse.")
+    """Raise ``CheckpointMismatchError`` unless names and shapes equal ``expected`` exactly."""
+    check_state_dict_of(state, expected, model='BiomedParse v1',
+                        hint='Use the original biomedparse_v1.pt from microsoft/BiomedParse.')
 
 
 def expected_shapes() -> dict:

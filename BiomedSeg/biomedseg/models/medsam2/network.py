@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from biomedseg.errors import InputError
+from biomedseg.runtime.checkpoints import CheckpointMismatchError  # noqa: F401 -- raised here, caught by callers
+from biomedseg.runtime.checkpoints import check_state_dict as check_state_dict_of
 
 from .image_encoder import ImageEncoder
 from .memory import MemoryAttention, MemoryEncoder
@@ -28,10 +30,6 @@ MEM_DIM = 64  # memory width (the memory encoder's out_proj)
 NUM_MASKMEM = 7  # the conditioning frame slot plus 6 previous frames
 IMAGE_SIZE = 512
 BACKBONE_STRIDE = 16
-
-
-class CheckpointMismatchError(InputError):
-    """The weights file does not hold the tensors MedSAM2 needs (wrong file, model size or version)."""
 
 
 class MedSAM2Net(nn.Module):
@@ -75,26 +73,8 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(state: dict, expected: dict[str, tuple[int, ...]]) -> None:
     """Raise ``CheckpointMismatchError`` unless names and shapes equal ``expected`` exactly."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k])}"
-                   for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k]))
-    if not (missing or unexpected or wrong):
-        return
-
-    def show(items):
-        return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
-
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {show(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {show(unexpected)}")
-    if wrong:
-        parts.append(f"{len(wrong)} shape mismatch(es): {show(wrong)}")
-    raise CheckpointMismatchError(
-        "The MedSAM2 weights do not match the model (SAM2.1 Hiera-T, 512x512): " + "; ".join(parts) + ".",
-        hint="Use MedSAM2_latest.pt (or another MedSAM2 release of this size) from the authors.")
+    check_state_dict_of(state, expected, model='MedSAM2 (SAM2.1 Hiera-T, 512x512)',
+                        hint='Use MedSAM2_latest.pt (or another MedSAM2 release of this size) from the authors.')
 
 
 def read_state_dict(path: str | os.PathLike) -> dict:

@@ -59,22 +59,12 @@ import torch.nn.functional as F
 
 from biomedseg.errors import InputError
 from biomedseg.runtime.callbacks import check_cancel
+from biomedseg.runtime.slice_features import tensors_in as _tensors
 
 from .network import IMAGE_SIZE
 from .tracker import FrameOutput, MemoryBank, Prompt, Tracker
 
 BOX_LABELS = (2, 3)  # top-left and bottom-right corner labels
-
-
-def _tensors(value):
-    if torch.is_tensor(value):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 class FrameStore:
