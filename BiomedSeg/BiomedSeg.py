@@ -34,6 +34,7 @@ from biomedseg.errors import BiomedSegError  # noqa: E402
 from biomedseg.slicer_bridge import application as app  # noqa: E402
 from BiomedSegLib.correct import CorrectSection  # noqa: E402
 from BiomedSegLib.first_run import FirstRunInstalls  # noqa: E402
+from BiomedSegLib.recognize import RecognizeSection  # noqa: E402
 
 POLL_INTERVAL_MS = 100
 
@@ -85,7 +86,8 @@ class BiomedSegParameterNode:
 
 # ---- Widget: a thin view ----
 
-class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRunInstalls, CorrectSection):
+class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRunInstalls, CorrectSection,
+                      RecognizeSection):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -142,6 +144,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
             selector.connect("currentNodeChanged(vtkMRMLNode*)", lambda _: self.updateButtons())
 
         self.setupCorrectSection()
+        self.setupRecognizeSection()  # BiomedCLIP: recognised line, prompt warning, Find slices, key slice
         self.showMessage(None)
         self.ui.absentLabel.visible = False
         self.ui.progressBar.setValue(0)
@@ -155,6 +158,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
         self.timer.stop()
         self.removeCorrectShortcuts()
         if self.logic is not None:
+            self.closeRecognition()
             self.logic.installs.cancel()
             self.logic.controller.close()
         self.removeObservers()
@@ -335,6 +339,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
         self.updateModelDependentWidgets()
         self.updateSliceRange()
         self.refreshExportFormats(node)
+        self.recognizeVolume(node, guess)
 
     def updateSliceRange(self):
         slices, p = self._slices, self._parameterNode

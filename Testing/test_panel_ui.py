@@ -425,3 +425,71 @@ def test_render_script_writes_the_correct_section_png_from_a_real_correction(tmp
     colours = {image.pixel(x, y) for x in range(0, image.width(), 5) for y in range(0, image.height(), 5)}
     assert len(colours) > 20
     assert (ROOT / "Resources" / "Screenshots" / "correct_section.png").exists()  # the README's picture
+
+
+RECOGNIZE_WIDGETS = {"recognizedLabel": "QLabel", "promptWarningLabel": "QLabel", "findSlicesButton": "QPushButton",
+                     "suggestKeySliceButton": "QPushButton"}
+
+
+def test_biomedclip_widgets_sit_where_they_are_used(ui_classes, panel):
+    """The 'Recognised: ...' line under the modality/site guess, Find slices beside the prompt line with the
+    orange warning under it, and Suggest key slice beside the Correct section's segment."""
+    from PySide6.QtWidgets import QBoxLayout, QLabel, QPushButton, QWidget
+
+    for name, cls in RECOGNIZE_WIDGETS.items():
+        assert ui_classes.get(name) == cls, (name, ui_classes.get(name))
+    for layout, names in (("guessLayout", ["guessLabel", "recognizedLabel"]),
+                          ("promptsLineLayout", ["promptsLineEdit", "findSlicesButton"]),
+                          ("promptsLayout", ["promptWarningLabel"]),
+                          ("correctSegmentLayout", ["correctSegmentComboBox", "suggestKeySliceButton"])):
+        box = panel.findChild(QBoxLayout, layout)
+        assert box is not None, layout
+        found = [box.itemAt(i).widget().objectName() for i in range(box.count()) if box.itemAt(i).widget()]
+        assert found == names, (layout, found)
+    warning = panel.findChild(QLabel, "promptWarningLabel")
+    assert "#c25e00" in warning.styleSheet() and warning.wordWrap()  # orange, and long warnings wrap
+    correct = panel.findChild(QWidget, "correctCollapsibleButton")
+    assert correct.isAncestorOf(panel.findChild(QPushButton, "suggestKeySliceButton"))
+    # off until BiomedCLIP is ready and a volume is chosen (the mixin switches them)
+    assert not panel.findChild(QPushButton, "findSlicesButton").isEnabled()
+    assert not panel.findChild(QPushButton, "suggestKeySliceButton").isEnabled()
+
+
+def test_biomedclip_mixin_is_wired_into_the_widget():
+    """BiomedSegLib/recognize.py: set up with the widget, closed on cleanup, told of each new input volume;
+    its signals exist on the widgets' Qt classes, the warning hides when empty, and the slice views move
+    only inside Slicer (markups logic), never in the panel logic."""
+    from PySide6 import QtWidgets
+
+    ui_classes = {w.get("name"): w.get("class") for w in ET.parse(UI_FILE).iter("widget")}
+    source = (MODULE.parent / "BiomedSegLib" / "recognize.py").read_text()
+    tree = ast.parse(source)
+    mixin = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RecognizeSection")
+    methods = {n.name: ast.unparse(n) for n in mixin.body if isinstance(n, ast.FunctionDef)}
+    connected = 0
+    for node in ast.walk(mixin):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"):
+            continue
+        signal = node.args[0].value.split("(")[0]
+        target = node.func.value
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute) and target.value.attr == "ui":
+            cls_name = ui_classes[target.attr]
+            if cls_name == "qMRMLNodeComboBox":
+                assert signal == "currentNodeChanged"
+            else:
+                assert hasattr(getattr(QtWidgets, cls_name), signal), (target.attr, signal)
+            connected += 1
+        handler = node.args[1]
+        if isinstance(handler, ast.Attribute):
+            assert handler.attr in methods, handler.attr
+    assert connected >= 5
+    assert "self.ui.promptWarningLabel.visible = bool(text)" in methods["showPromptWarning"]
+    assert "JumpSlicesToLocation(*outcome.ras, True)" in methods["jumpToSlice"]
+    widget = next(n for n in ast.parse(MODULE.read_text()).body if isinstance(n, ast.ClassDef)
+                  and n.name == "BiomedSegWidget")
+    assert "RecognizeSection" in [ast.unparse(b) for b in widget.bases]
+    body = {n.name: ast.unparse(n) for n in widget.body if isinstance(n, ast.FunctionDef)}
+    assert "self.setupRecognizeSection()" in body["setup"] and "self.closeRecognition()" in body["cleanup"]
+    assert "self.recognizeVolume(node, guess)" in body["onInputVolumeChanged"]
+    logic = (ROOT / "BiomedSeg" / "biomedseg" / "panel" / "recognition.py").read_text()
+    assert "slicer.util" not in logic and "JumpSlices" not in logic

@@ -13,6 +13,9 @@ wrong lives in this package, one module per job, and is tested against real MRML
 - ``request``: the worker request built and checked from the panel state (prompts, region, options);
 - ``messages``: progress with the time left, errors as a sentence with what to do, buttons;
 - ``controller``: submit, poll, apply with undo (add or overwrite), cancel, export;
+- ``recognition``: BiomedCLIP in the background: the image recognised (modality, site, view) into the
+  guess, the typed prompts checked against the model's targets (a warning, not a block), and the
+  slices ranked for a target (Find slices, Suggest key slice), in one worker session per volume;
 - ``correction``: the Correct section for interactive models: boxes and clicks, propagate over a
   slice range, refine a segment, corrections in the same worker session, undo, and what the next
   click will do (writes only inside the Segment Editor's editable area);
@@ -33,6 +36,7 @@ from .install import (DOWNLOAD_CODE, ENGINE_PACKAGES, WORKER_REQUIREMENTS, Insta
 from .messages import (ACTION_LABELS, PanelMessage, Progress, RunOutcome, button_states, describe_error,
                        describe_progress, device_label, format_seconds, time_left)
 from .models import ModelChoice, device_supported, model_choices, model_states
+from .recognition import ClipOutcome, Recognition, RecognitionController, RecognizedGuess, merge_guess, slice_centre
 from .request import Request, build_request, geometric_prompts
 from .state import (DEVICES, EXPORT_FORMATS, POSTPROCESS, SLICE_AXES, WRITE_MODES, PanelState, chosen_prompts,
                     join_prompts, parse_prompts, state_from_parameters, toggle_prompt)
@@ -54,6 +58,8 @@ __all__ = [
     "format_seconds", "time_left", "device_label", "ACTION_LABELS",
     # controller
     "PanelController", "PollResult",
+    # recognition (BiomedCLIP)
+    "RecognitionController", "Recognition", "RecognizedGuess", "ClipOutcome", "merge_guess", "slice_centre",
     # correction
     "CorrectionController", "CorrectionSession", "CorrectionOutcome", "TOOLS", "SHORTCUTS",
     # installs

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..catalog import get_model
-from ..imaging_guess import guess_modality
+from ..imaging_guess import guess_modality, modality_from_tags
 from ..io.dicom_files import read_dicom_tags
 from ..volume import Volume
 from .state import PanelState, chosen_prompts
@@ -23,6 +23,10 @@ class Guess:
     modality: str
     site: str
     reason: str
+    #: the DICOM tags state the modality (Modality) / the site (body part, description words): what a
+    #: zero-shot recognition must not overrule (``panel.recognition``)
+    modality_stated: bool = False
+    site_stated: bool = False
 
 
 #: Words in BodyPartExamined / descriptions -> site; sites that name the same region.
@@ -48,13 +52,16 @@ def guess_modality_site(volume: Volume, tags: dict | None = None) -> Guess:
     reasons = [why]
     words = " ".join(str(tags.get(k, "")) for k in ("series_description", "body_part")).lower()
     site = next((s for pattern, s in SITE_WORDS if re.search(pattern, words)), "") if words.strip() else ""
+    site_stated = bool(site)
     if site:
         reasons.append(f"body part '{tags.get('body_part') or tags.get('series_description')}'")
     else:
         site, why = _site_from_size(volume, modality)
         if why:
             reasons.append(why)
-    return Guess(modality, site, "Guessed from " + " and ".join(reasons) + ". Change them if they are wrong.")
+    stated = modality_from_tags(tags.get("modality"), tags.get("series_description")) is not None
+    return Guess(modality, site, "Guessed from " + " and ".join(reasons) + ". Change them if they are wrong.",
+                 modality_stated=stated, site_stated=site_stated)
 
 
 def _site_from_size(volume: Volume, modality: str) -> tuple[str, str]:

@@ -77,6 +77,9 @@ class PanelState:
     #: Local checkpoint (file or folder) instead of the catalogue's source ('' = none).
     weights: str = ""
     show_3d: bool = True
+    #: Where ``modality`` and ``site`` came from when the panel guessed them ("BiomedCLIP: CT 62%, chest 48%",
+    #: "DICOM tags: CT; BiomedCLIP: chest 48%"); '' when the person chose them or nothing was recognised.
+    guess_source: str = ""
     #: Extra backend options (tests use them to steer the test backend).
     options: dict = field(default_factory=dict)
 
