@@ -102,7 +102,12 @@ def one(rc, timeout=180):
     return outcomes[0]
 
 
-def test_recognition_lands_in_the_panel_state_with_its_source_and_the_tags_win(setup, client):
+def test_recognition_lands_in_the_panel_state_with_its_source_and_the_tags_win(setup, client, monkeypatch):
+    import biomedseg.panel.recognition as recognition_module
+
+    # deterministic weights spread their scores thin (about 8% each): let any answer count here;
+    # the confidence rule itself is tested in test_merge_rules_without_a_worker
+    monkeypatch.setattr(recognition_module, "MIN_CONFIDENCE", 0.0)
     scene, volume, node, panel, rc = setup
     assert rc.ready and rc.clip_state["state"] != "ready"  # ready through the local weights folder
     guess = guess_modality_site(volume)  # no tags: the intensity rules (CT) and no site
@@ -121,15 +126,16 @@ def test_recognition_lands_in_the_panel_state_with_its_source_and_the_tags_win(s
         assert first.report["recognized"][family] == ranked[0][0] == getattr(rec, family)
         assert all(labels[(family, name)] == score for name, score in ranked)
     (modality, p_mod), (site, p_site) = rec.best("modality"), rec.best("site")
-    # into the panel state: BiomedCLIP's modality and site in the model's words, with the source
-    source = f"BiomedCLIP: {modality} {p_mod:.0%}, {site} {p_site:.0%}"
+    # into the panel state: CT from Hounsfield-like intensities is kept, BiomedCLIP's site in the
+    # model's words, with the source of each
+    source = f"rules: CT; BiomedCLIP: {site} {p_site:.0%}"
     assert first.panel_state.guess_source == source and first.guess.source == source
-    assert first.panel_state.modality == match_modality(modality, modalities_for(MODEL))
+    assert first.panel_state.modality == match_modality("CT", modalities_for(MODEL))
     assert first.panel_state.prompts == ["liver"] and first.panel_state.model == MODEL
     assert first.guess.line.startswith(f"Recognised: {modality} {p_mod:.0%}, {site} {p_site:.0%}, "
                                        f"{rec.view} view {rec.best('view')[1]:.0%} (BiomedCLIP)")
     ruled = not same_modality("CT", modality)
-    assert ("the intensity rules said CT" in first.guess.line) == ruled
+    assert ("the intensity rules say CT, which is kept" in first.guess.line) == ruled
     assert first.summary == first.guess.line and rc.recognitions[node.GetID()] is rec
 
     # DICOM tags that state another modality: the tags win, both are shown; the image is not sent again
@@ -149,14 +155,23 @@ def test_recognition_lands_in_the_panel_state_with_its_source_and_the_tags_win(s
 
 
 def test_merge_rules_without_a_worker():
-    rec = Recognition({"modality": [("MRI", 0.62), ("CT", 0.3)], "site": [("head", 0.48), ("chest", 0.2)]})
+    rec = Recognition({"modality": [("MRI", 0.62), ("CT", 0.3)], "site": [("head", 0.58), ("chest", 0.2)]})
     agree = merge_guess(MODEL, Guess("MRI-T1", "head", "", modality_stated=True), rec)
     assert (agree.modality, agree.site, agree.disagreements) == ("MRI", "brain", [])  # one family, synonyms
-    assert agree.line == "Recognised: MRI 62%, head 48% (BiomedCLIP)."
-    assert agree.source == "DICOM tags: MRI; BiomedCLIP: head 48%"
+    assert agree.line == "Recognised: MRI 62%, head 58% (BiomedCLIP)."
+    assert agree.source == "DICOM tags: MRI; BiomedCLIP: head 58%"
     rules = merge_guess(MODEL, Guess("CT", "", ""), rec)
-    assert (rules.modality, rules.site, rules.source) == ("MRI", "brain", "BiomedCLIP: MRI 62%, head 48%")
+    assert (rules.modality, rules.site, rules.source) == ("MRI", "brain", "BiomedCLIP: MRI 62%, head 58%")
     assert rules.line.endswith("(BiomedCLIP); the intensity rules said CT. Check the modality and site.")
+    # CT from Hounsfield-like intensities is not overruled; a thin answer overrules nothing
+    hounsfield = merge_guess(MODEL, Guess("CT", "", "Guessed from Hounsfield-like intensities."), rec)
+    assert (hounsfield.modality, hounsfield.modality_from) == ("CT", "rules")
+    assert hounsfield.site == match_site("head", sites_for(MODEL, "CT")) and hounsfield.site_from == "BiomedCLIP"
+    assert "the intensity rules say CT, which is kept" in hounsfield.line
+    thin = Recognition({"modality": [("MRI", 0.2), ("CT", 0.1)], "site": [("head", 0.3), ("chest", 0.2)]})
+    kept = merge_guess(MODEL, Guess("X-Ray", "chest", "Guessed from a single grey slice."), thin)
+    assert (kept.modality_from, kept.site_from) == ("rules", "rules")
+    assert kept.site == match_site("chest", sites_for(MODEL, kept.modality))
     deepbet = merge_guess("deepbet", None, rec)
     assert (deepbet.modality, deepbet.site) == ("MRI-T1", "head")  # in deepbet's words
 

@@ -126,23 +126,45 @@ def same_site(a: str, b: str) -> bool:
     return bool(a) and (a == b or any(a in group and b in group for group in SITE_SYNONYMS))
 
 
+#: BiomedCLIP's answer replaces a rule-based guess only when its best class has at least this
+#: probability (zero-shot scores spread thin; its accuracy with the real weights is not measured here).
+MIN_CONFIDENCE = 0.5
+
+
+def confident(recognition: Recognition, family: str) -> bool:
+    best = recognition.best(family)
+    return best is not None and bool(best[0]) and best[1] >= MIN_CONFIDENCE
+
+
+def _strong_rule(guess: Guess) -> bool:
+    """CT from Hounsfield-like intensities (air at -1000) is evidence a zero-shot score should not overrule."""
+    return guess.modality == "CT" and "Hounsfield" in (guess.reason or "")
+
+
+def _kept_from(guess: Guess | None, family: str) -> str:
+    stated = guess is not None and (guess.modality_stated if family == "modality" else guess.site_stated)
+    return "DICOM tags" if stated or guess is None else "rules"
+
+
 def merge_guess(model_id: str, guess: Guess | None, recognition: Recognition) -> RecognizedGuess:
     """The panel's modality/site once BiomedCLIP has spoken: the DICOM tags win where they state the
-    modality (or the body part), BiomedCLIP replaces the intensity and field-of-view rules otherwise;
-    both are named when they disagree. Names go into the model's own words (``match_modality``)."""
+    modality (or the body part), and so does CT from Hounsfield-like intensities; BiomedCLIP replaces
+    the other intensity and field-of-view rules when it is confident (``MIN_CONFIDENCE``); both are
+    named when they disagree. Names go into the model's own words (``match_modality``)."""
     rec_modality, rec_site = recognition.modality, recognition.site
     modalities = modalities_for(model_id)
-    if guess is not None and guess.modality_stated or not rec_modality:
-        modality, modality_from = (guess.modality if guess is not None else ""), "DICOM tags"
+    modality_kept = guess is not None and (guess.modality_stated or _strong_rule(guess))
+    if modality_kept or not confident(recognition, "modality"):
+        modality, modality_from = (guess.modality if guess is not None else ""), _kept_from(guess, "modality")
     else:
         modality, modality_from = rec_modality, "BiomedCLIP"
     modality = match_modality(modality, modalities)
-    if guess is not None and guess.site_stated or not rec_site:
-        site, site_from = (guess.site if guess is not None else ""), "DICOM tags"
+    if guess is not None and guess.site_stated or not confident(recognition, "site"):
+        site, site_from = (guess.site if guess is not None else ""), _kept_from(guess, "site")
     else:
         site, site_from = rec_site, "BiomedCLIP"
     site = match_site(site, sites_for(model_id, modality))
-    pieces: dict[str, list[str]] = {"DICOM tags": [], "BiomedCLIP": []}
+    pieces: dict[str, list[str]] = {"DICOM tags": [], "rules": [], "BiomedCLIP": []}
     pieces[modality_from].append(recognition.named("modality") if modality_from == "BiomedCLIP" else modality)
     pieces[site_from].append(recognition.named("site") if site_from == "BiomedCLIP" else site)
     source = "; ".join(f"{where}: {', '.join(filter(None, names))}" for where, names in pieces.items()
@@ -150,9 +172,11 @@ def merge_guess(model_id: str, guess: Guess | None, recognition: Recognition) ->
     disagreements = []
     if guess is not None and guess.modality and rec_modality and not same_modality(guess.modality, rec_modality):
         disagreements.append(f"the DICOM tags say {guess.modality}, which is kept" if guess.modality_stated
+                             else f"the intensity rules say {guess.modality}, which is kept" if modality_from == "rules"
                              else f"the intensity rules said {guess.modality}")
     if guess is not None and guess.site and rec_site and not same_site(guess.site, rec_site):
         disagreements.append(f"the DICOM body part says {guess.site}, which is kept" if guess.site_stated
+                             else f"the field of view suggests {guess.site}, which is kept" if site_from == "rules"
                              else f"the field of view suggested {guess.site}")
     seen = [recognition.named("modality"), recognition.named("site")]
     if recognition.best("view"):
