@@ -216,7 +216,7 @@ class WorkerClient:
         ``prompts``: text, or typed prompts (``biomedseg.prompts``). ``session``: with a volume it
         opens an interactive session in the worker; without one it re-runs on the session's image.
         """
-        from ..catalog import check_prompts
+        from ..catalog import check_prompts, get_model
 
         prompts = check_prompts(model, prompts)
         if volume is None and session not in self.sessions:
@@ -245,7 +245,9 @@ class WorkerClient:
                                 "input": self._share(job, volume.array),
                                 "ijk_to_ras": volume.ijk_to_ras.ravel().tolist(),
                                 "meta": dict(list(meta.items())[:64])})  # what the worker's schema allows
-            out_shape = (len(targets),) + shape
+            # a model that returns no masks (labels, text) gets no mask block: nothing would be written there
+            masks = "masks" in get_model(model).results
+            out_shape = (len(targets) if masks else 0,) + shape
             out_block = self.pool.acquire(int(np.prod(out_shape)))
             job.blocks.append(out_block)
             message["output"] = protocol.array_spec(out_block, out_shape, np.uint8)

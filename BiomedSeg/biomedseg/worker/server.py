@@ -347,7 +347,8 @@ class WorkerServer:
             if spec is None:
                 continue
             dtype, out_shape = protocol.check_spec(spec)
-            if out_shape[:1] != (len(targets),) or (shape is not None and out_shape[1:] != shape):
+            # one mask per target, or none at all for a model that returns no masks (labels, text)
+            if out_shape[:1] not in ((len(targets),), (0,)) or (shape is not None and out_shape[1:] != shape):
                 want = [len(targets), *(shape or ("...",))]
                 raise protocol.ProtocolError(f"'{key}' must have shape {want}, got {list(out_shape)}")
             try:
@@ -373,7 +374,7 @@ class WorkerServer:
     @staticmethod
     def _write_outputs(result, targets, outputs):
         masks = outputs.get("output")
-        if masks is not None:
+        if masks is not None and len(masks):
             masks[...] = 0
             for seg in result.segments:
                 masks[targets.index(seg.name)] = seg.mask
