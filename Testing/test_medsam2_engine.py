@@ -363,3 +363,20 @@ def test_cli_refine_keeps_the_other_segments_bit_identical(standin, tmp_path, ca
     assert main(["refine", str(image), "--segmentation", str(tmp_path / "organs.seg.nrrd"), "--segment", "spleen",
                  "--model", MODEL, "--in-process", "-o", str(tmp_path / "y.seg.nrrd")]) == 2
     assert "has no segment called 'spleen'; it has 'liver', 'kidney'" in capsys.readouterr().err
+
+
+def test_the_panel_correction_workflow_with_the_real_medsam2(detweights_checkpoint):
+    """The Correct section's logic (real MRML scene, real worker) driving MedSAM2 itself: a box propagated
+    over slices 5-24 of the phantom, then an exclude click corrected in the same worker session."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import render_correct
+
+    run = render_correct.capture_correction(weights=str(detweights_checkpoint))
+    first, second = run["first"], run["second"]
+    assert first.action == "propagated" and first.image_sent and first.outside == 0
+    # the click's slice lies between the box's slice and the end of the range: MedSAM2 recomputes the
+    # slices from the box's (exclusive) to the range's end, as its correction policy says
+    assert second.action == "corrected" and not second.image_sent and second.recomputed == 9
+    assert second.summary.startswith("Corrected 'organ': 9 of 20 slices recomputed")
