@@ -63,6 +63,30 @@ def require_tool(name: str, how: str) -> str:
     return exe
 
 
+#: A small BiomedBERT-style vocabulary ([PAD] 0, [CLS] 2, [SEP] 3 as the real one) for BiomedCLIP tests.
+BIOMEDCLIP_WORDS = ["this", "is", "a", "photo", "of", "ct", "scan", "an", "mri", "x", "-", "ray", "image", "the",
+                    "chest", "liver", "brain", "lung", "lungs", "kidney", "left", "right", "slice", "axial", "coronal",
+                    "sagittal", "abdomen", "head", "and", "heart", "tumor", "##s", "##ing", "tissue", "sample", "skin",
+                    "eye", "spleen"]
+
+
+@pytest.fixture(scope="session")
+def biomedclip_weights(tmp_path_factory):
+    """A BiomedCLIP weights folder as the catalogue names it: the deterministic-weights checkpoint
+    (``open_clip_pytorch_model.bin``, written once per test session: 784 MB) and a small vocabulary."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from biomedseg.models.biomedclip.network import BiomedCLIPNet
+
+    folder = tmp_path_factory.mktemp("biomedclip")
+    net = BiomedCLIPNet()
+    load_detweights().fill_module(net)
+    torch.save(net.state_dict(), folder / "open_clip_pytorch_model.bin")
+    del net
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + BIOMEDCLIP_WORDS) + "\n")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def two_torch_threads():
     """Parity modules run with 2 torch threads (their fixtures' noise was measured at 1 and 2), and put

@@ -15,25 +15,11 @@ from biomedseg.prompts import TextPrompt
 from biomedseg.volume import Volume
 from geometry_cases import DIRECTIONS, affine
 
-WORDS = ["this", "is", "a", "photo", "of", "ct", "scan", "an", "mri", "x", "-", "ray", "image", "the", "chest",
-         "liver", "brain", "lung", "lungs", "kidney", "left", "right", "slice", "axial", "coronal", "sagittal",
-         "abdomen", "head", "and", "heart", "tumor", "##s", "##ing", "tissue", "sample", "skin", "eye"]
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A folder holding both files the catalogue names: the checkpoint and a small vocabulary."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from biomedseg.models.biomedclip.network import BiomedCLIPNet
-    from conftest import load_detweights
-
-    folder = tmp_path_factory.mktemp("biomedclip")
-    net = BiomedCLIPNet()
-    load_detweights().fill_module(net)
-    torch.save(net.state_dict(), folder / "open_clip_pytorch_model.bin")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    return folder
+def weights(biomedclip_weights):
+    return biomedclip_weights
 
 
 def chest_like(direction=None) -> Volume:

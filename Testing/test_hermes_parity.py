@@ -457,9 +457,12 @@ def test_whole_pipeline_returns_probabilities_on_the_input_grid():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("HERMES_FULL_PARITY"),
+                    reason="a diagnostic subset of test_full_sliding_window_matches_reference, which checks this "
+                           "corner too; set HERMES_FULL_PARITY=1 (35 s more on CPU)")
 def test_first_window_matches_reference_stitching(net):
     """One real 128^3 window: where only window (0,0,0) covers the volume, the authors'
-    stitched probabilities equal that window's sigmoid."""
+    stitched probabilities equal that window's sigmoid (to tell a window fault from a stitching one)."""
     ref = np.load(_fixture("sliding_window.npz"))
     x = torch.from_numpy(ref["input_f16"].astype(np.float32))[None, None, :128, :128, :128]
     with torch.no_grad():

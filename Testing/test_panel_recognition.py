@@ -36,24 +36,12 @@ from biomedseg.volume import Volume  # noqa: E402
 from conftest import mrml_scene  # noqa: E402
 from geometry_cases import DIRECTIONS, affine  # noqa: E402
 
-WORDS = ["this", "is", "a", "photo", "of", "ct", "scan", "an", "mri", "x", "-", "ray", "image", "the", "chest",
-         "liver", "brain", "lung", "lungs", "kidney", "left", "right", "slice", "axial", "coronal", "sagittal",
-         "abdomen", "head", "and", "heart", "tumor", "##s", "##ing", "tissue", "sample", "skin", "eye", "spleen"]
 MODEL = "biomedparse-v1"  # a model with a target list per modality and site
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """A BiomedCLIP folder: the detweights-filled checkpoint and a small vocabulary (written once)."""
-    from biomedseg.models.biomedclip.network import BiomedCLIPNet
-    from conftest import load_detweights
-
-    folder = tmp_path_factory.mktemp("biomedclip")
-    net = BiomedCLIPNet()
-    load_detweights().fill_module(net)
-    torch.save(net.state_dict(), folder / "open_clip_pytorch_model.bin")
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    return folder
+def weights(biomedclip_weights):
+    return biomedclip_weights
 
 
 @pytest.fixture(scope="module")
