@@ -108,15 +108,26 @@ class BiomedCLIPBackend(Backend):
         self.embeddings.clear()
 
     # ---- embeddings ----------------------------------------------------------------------
-    def slices(self, volume: Volume, plan: Plan) -> np.ndarray:
-        """(n, H, W[, 3]) uint8 slices along the plan's plane, in display orientation."""
+    def frames(self, volume: Volume, plan: Plan):
+        """(count, get): the number of slices along the plan's plane and a function giving slice ``i``
+        (display orientation) as uint8, windowed one slice at a time (a whole float copy of a 300-slice
+        volume would cost gigabytes for the five slices a recognition looks at)."""
         d = plan.details
-        if volume.channels_last:
-            stack = volume.slice_orientation(d["plane"]).to_display(volume.array)
-            return np.ascontiguousarray(stack.astype(np.uint8) if stack.dtype != np.uint8 else stack)
+        display = volume.slice_orientation(d["plane"]).to_display(volume.array)
         lo, hi = d["window"]
-        stack = volume.slice_orientation(d["plane"]).to_display(volume.array).astype(np.float64)
-        return np.rint(np.clip((stack - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+        def get(i: int) -> np.ndarray:
+            one = display[i]
+            if volume.channels_last:
+                return np.ascontiguousarray(one if one.dtype == np.uint8 else np.clip(one, 0, 255).astype(np.uint8))
+            return np.rint(np.clip((one.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+        return display.shape[0], get
+
+    def slices(self, volume: Volume, plan: Plan) -> np.ndarray:
+        """Every slice along the plan's plane as uint8 (n, H, W[, 3])."""
+        count, get = self.frames(volume, plan)
+        return np.stack([get(i) for i in range(count)])
 
     def embed(self, images, progress, cancelled) -> np.ndarray:
         """Normalised image embeddings [n, 512] of uint8 slices, from the cache where it has them."""
@@ -165,20 +176,20 @@ class BiomedCLIPBackend(Backend):
     def run(self, volume: Volume, prompts: PromptSet, plan: Plan, *, progress, cancelled) -> ModelOutput:
         d = plan.details
         self.embeddings.limit_bytes = d["cache_bytes"]
-        stack = self.slices(volume, plan)
+        count, get = self.frames(volume, plan)
         misses = self.embeddings.misses
         task = d["task"]
         report = {"task": task}
         if task == "rank":
             orientation = volume.slice_orientation(d["plane"])
-            labels, ranking = self._rank(stack, prompts.texts, d, progress, cancelled,
-                                         lambda i: orientation.display_slice_index(i, len(stack)))
+            labels, ranking = self._rank([get(i) for i in range(count)], prompts.texts, d, progress, cancelled,
+                                         lambda i: orientation.display_slice_index(i, count))
             report["ranking"] = ranking
         else:
-            chosen = representative(len(stack), d["slices"])
-            image = self._mean(self.embed([stack[i] for i in chosen], progress, cancelled))
+            chosen = representative(count, d["slices"])
+            image = self._mean(self.embed([get(i) for i in chosen], progress, cancelled))
             orientation = volume.slice_orientation(d["plane"])
-            report["slices"] = [orientation.display_slice_index(i, len(stack)) for i in chosen]
+            report["slices"] = [orientation.display_slice_index(i, count) for i in chosen]
             if task == "classify":
                 labels = self._classify(image, prompts.texts, d["template"], "classify")
             elif task == "recognize":
