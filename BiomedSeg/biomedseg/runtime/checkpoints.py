@@ -37,3 +37,28 @@ def check_state_dict(state: dict, expected: dict, *, model: str, hint: str) -> N
     if parts:
         raise CheckpointMismatchError(f"The {model} weights do not match the model: " + "; ".join(parts) + ".",
                                       hint=hint)
+
+
+def read_state_dict_file(path, *, model: str, wrapper: str) -> dict:
+    """The {name: tensor} of a torch file, read with ``weights_only=True`` (nothing in it runs); the
+    dict under ``wrapper`` ("model", "state_dict") if the file has one, else the file's own dict.
+    A missing file is an InputError, an unreadable one or one without tensors a CheckpointMismatchError."""
+    import os
+
+    import torch
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{model} checkpoint '{path}' does not exist.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated download, not a torch file, pickled code
+        raise CheckpointMismatchError(
+            f"Could not read {model} weights from '{path}' ({type(exc).__name__}: {exc}).",
+            hint="The file may be damaged or partial; download it again.") from exc
+    state = obj.get(wrapper) if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict) else obj
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        keys = ", ".join(sorted(map(str, obj))[:12]) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointMismatchError(f"'{path}' holds no {model} state dict (found: {keys}).")
+    return state

@@ -43,6 +43,7 @@ from torch import nn
 from biomedseg.errors import InputError
 from biomedseg.runtime.checkpoints import CheckpointMismatchError  # noqa: F401 -- raised here, caught by callers
 from biomedseg.runtime.checkpoints import check_state_dict as check_state_dict_of
+from biomedseg.runtime.checkpoints import read_state_dict_file
 
 from .text import MAX_POSITIONS, TextTower
 from .vision import ImageTower
@@ -128,20 +129,7 @@ def apply_renames(state: dict) -> dict:
 
 def read_state_dict(path: str | os.PathLike) -> dict:
     """The renamed state dict of ``path`` (a bare state dict or one under ``"state_dict"``)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError(f"BiomedCLIP checkpoint '{path}' does not exist.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated download, not a torch file, pickled code
-        raise CheckpointMismatchError(
-            f"Could not read BiomedCLIP weights from '{path}' ({type(exc).__name__}: {exc}).",
-            hint="The file may be damaged or partial; download it again.") from exc
-    state = obj.get("state_dict") if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else obj
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        keys = ", ".join(sorted(map(str, obj))[:12]) if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointMismatchError(f"'{path}' holds no BiomedCLIP state dict (found: {keys}).")
+    state = read_state_dict_file(path, model='BiomedCLIP', wrapper='state_dict')
     return apply_renames(state)
 
 

@@ -17,9 +17,9 @@ import os
 import torch
 from torch import nn
 
-from biomedseg.errors import InputError
 from biomedseg.runtime.checkpoints import CheckpointMismatchError  # noqa: F401 -- raised here, caught by callers
 from biomedseg.runtime.checkpoints import check_state_dict as check_state_dict_of
+from biomedseg.runtime.checkpoints import read_state_dict_file
 
 from .image_encoder import ImageEncoder
 from .memory import MemoryAttention, MemoryEncoder
@@ -79,20 +79,7 @@ def check_state_dict(state: dict, expected: dict[str, tuple[int, ...]]) -> None:
 
 def read_state_dict(path: str | os.PathLike) -> dict:
     """The state dict under ``"model"`` of the authors' file (a bare state dict is accepted too)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError(f"MedSAM2 checkpoint '{path}' does not exist.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated download, not a torch file, pickled code
-        raise CheckpointMismatchError(
-            f"Could not read MedSAM2 weights from '{path}' ({type(exc).__name__}: {exc}).",
-            hint="The file may be damaged or partial; download it again.") from exc
-    state = obj.get("model") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        keys = ", ".join(sorted(map(str, obj))[:12]) if isinstance(obj, dict) else type(obj).__name__
-        raise CheckpointMismatchError(f"'{path}' has no MedSAM2 state dict under 'model' (found: {keys}).")
+    state = read_state_dict_file(path, model='MedSAM2', wrapper='model')
     return state
 
 
