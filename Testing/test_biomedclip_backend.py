@@ -105,6 +105,15 @@ def test_ranking_order_follows_the_scores_and_names_array_slices_in_any_storage_
             image = backend.embed([grey], lambda *a: None, lambda: False)[0]
             assert abs(backend.scale() * float(image @ text_emb) - entry["score"]) < 1e-4
     assert [l.target for l in result.labels] == ["lung"] * 4 + ["liver"] * 4
+    # with a slice range the slices named are still the whole image's, with the same scores
+    from biomedseg.engine import segment
+    from biomedseg.geometry import make_region
+
+    whole = run(volume, ["lung"], weights, task="rank", top=12).report["ranking"]["lung"]
+    part = segment(volume, "biomedclip", [TextPrompt("lung")], weights=str(weights), region=make_region("axial", [3, 8]),
+                   options={"task": "rank", "top": 12}).report["ranking"]["lung"]
+    assert [r["slice"] for r in part] == [r["slice"] for r in whole if 3 <= r["slice"] <= 8]
+    assert all(abs(p["score"] - w["score"]) < 1e-5 for p in part for w in whole if w["slice"] == p["slice"])
 
 
 def result_plan(backend, volume):

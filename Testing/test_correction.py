@@ -333,3 +333,25 @@ def test_a_session_the_worker_lost_is_reopened_with_the_image_and_start_over_for
     corr.begin(state(), node)
     corr.forget()
     assert corr.sessions == {} and corr.current is None
+
+
+def test_a_click_after_the_image_changed_sends_the_new_image_instead_of_correcting_the_old_one(setup, client):
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    scene, volume, node, panel, corr = setup
+    corr.begin(state(), node, slice_range=RANGE)
+    corr.add_box(roi(scene, volume))
+    corr.propagate(state())
+    first = run(panel)
+    assert first.image_sent
+    voxels = vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())  # a view of the node's voxels
+    voxels[:] = 0  # the image is edited (or reloaded) behind the session's back
+    node.GetImageData().Modified()
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "exclude")
+    corr.add_point(points, click(points, volume, 20, 27, 17), include=False)
+    job = corr.update(state())
+    assert job.volume is not None  # the new image goes, the worker's stale one is dropped
+    outcome = panel.wait(timeout=60)
+    assert outcome.image_sent
+    # the toy segments bright voxels: on the all-dark new image nothing is left of the old result
+    assert outcome.state == "done" and outcome.recomputed == 20 and not mask_of(corr, node).any()

@@ -380,3 +380,54 @@ def test_the_panel_correction_workflow_with_the_real_medsam2(detweights_checkpoi
     # slices from the box's (exclusive) to the range's end, as its correction policy says
     assert second.action == "corrected" and not second.image_sent and second.recomputed == 9
     assert second.summary.startswith("Corrected 'organ': 9 of 20 slices recomputed")
+
+
+def test_a_click_after_a_segment_prompt_or_a_new_box_after_clicks_is_still_a_correction(standin):
+    volume = patterned_volume(DIRECTIONS[0][1])
+    prompts, _, _ = case(volume, "axial")
+    box, plus, minus = prompts
+    seg = np.zeros(volume.shape, bool)
+    seg[2:5, 2:6, 3:8] = True
+    first = in_process(volume, [MaskPrompt(seg, "obj")], session="k1", keep_largest=False)
+    assert first.report["targets"]["obj"]["how"] == "propagated"
+    click = PointPrompt(plus.ras, False, "axial", "obj")
+    second = in_process(None, [MaskPrompt(seg, "obj"), click], session="k1", keep_largest=False)
+    assert second.report["targets"]["obj"]["how"] == "corrected"
+    third = in_process(None, [MaskPrompt(seg, "obj"), click, box], session="k1", keep_largest=False)
+    assert third.report["targets"]["obj"]["how"] == "corrected"
+    undone = in_process(None, [MaskPrompt(seg, "obj")], session="k1", keep_largest=False)
+    assert undone.report["targets"]["obj"]["how"] == "propagated"
+
+
+def test_cli_prompt_files_and_box_spellings_that_are_wrong_say_so(standin, tmp_path, capsys):
+    import json
+
+    from biomedseg.cli import main
+    from biomedseg.io import write_volume
+
+    volume = patterned_volume(DIRECTIONS[0][1])
+    image = write_volume(tmp_path / "image.nrrd", volume)
+    prompts, _, (_, _, inside) = case(volume, "axial")
+    box = prompts[0]
+    box_only = inside & (volume.array > 500)  # what the stand-in gives for the box alone
+    bad = {"typo": {"objects": [{"target": "x", "box": [1, 2, 3, 4, 5, 6]}]},
+           "not a list": {"objects": [{"target": "x", "boxes": 5}]},
+           "five numbers": {"objects": [{"target": "x", "boxes": [[1, 2, 3, 4, 5]]}]}}
+    messages = {"typo": "unknown field(s) 'box'", "not a list": "'boxes' of 'x'", "five numbers": "six RAS numbers"}
+    for name, data in bad.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+        rc = main(["segment", str(image), "--model", MODEL, "--prompts", str(tmp_path / f"{name}.json"),
+                   "--in-process", "-o", str(tmp_path / "x.seg.nrrd")])
+        assert rc == 2 and messages[name] in capsys.readouterr().err, name
+    # two corners as two triples, nested or on the command line with leading minus signs, are one box
+    corners = [list(box.ras_min), list(box.ras_max)]
+    (tmp_path / "nested.json").write_text(json.dumps({"objects": [{"target": "obj", "boxes": [corners]}]}))
+    split = [",".join(f"{v:.6f}" for v in box.ras_min), ",".join(f"{v:.6f}" for v in box.ras_max)]
+    for words in (["--prompts", str(tmp_path / "nested.json")], ["--box", *split, "--target", "obj"]):
+        out = tmp_path / f"ok{len(words)}.seg.nrrd"
+        assert main(["segment", str(image), "--model", MODEL, *words, "--no-largest", "--in-process", "-q",
+                     "-o", str(out)]) == 0
+        from biomedseg.io.segmentation_reader import read_segments
+
+        (read,), _ = read_segments(out, volume)
+        assert np.array_equal(read.mask, box_only), words

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -156,6 +157,8 @@ def prompts_file(path: str, plane: str) -> list:
     """Prompts from a JSON file: a list of prompts in the worker's form ({"type": "box", "ras_min": ...,
     "ras_max": ..., "plane": ..., "target": ...}), or {"objects": [{"target": NAME, "plane": ..., "boxes":
     [[R1,A1,S1,R2,A2,S2]], "points": [[R,A,S]], "exclude_points": [[R,A,S]]}]} for several objects."""
+    import numpy as np
+
     from .prompts import prompt_from_dict
 
     try:
@@ -169,14 +172,28 @@ def prompts_file(path: str, plane: str) -> list:
     if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
         raise InputError(f"--prompts '{path}' must hold a list of prompts or {{\"objects\": [...]}}.")
     out: list = []
+    known = {"target", "plane", "boxes", "points", "exclude_points"}
     for n, obj in enumerate(data["objects"]):
         if not isinstance(obj, dict):
             raise InputError(f"Object {n + 1} in '{path}' is not an object with a target and its prompts.")
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise InputError(f"Object {n + 1} in '{path}' has unknown field(s) {', '.join(map(repr, unknown))}; "
+                             f"an object takes {', '.join(sorted(known))}.")
         target = obj.get("target") or f"object {n + 1}"
         obj_plane = obj.get("plane", plane)
+        for key in ("boxes", "points", "exclude_points"):
+            if not isinstance(obj.get(key, []), list):
+                raise InputError(f"'{key}' of {target!r} in '{path}' must be a list, got {json.dumps(obj[key])}.")
         for box in obj.get("boxes", []):
-            values, _ = _numbers([json.dumps(box).strip("[]")], (6,), f"A box of {target!r} in '{path}'")
-            out.append(prompt_from_dict({"type": "box", "ras_min": values[:3], "ras_max": values[3:],
+            try:
+                values = np.asarray(box, dtype=float).ravel()
+            except (TypeError, ValueError):
+                values = np.zeros(0)
+            if values.size != 6 or not np.all(np.isfinite(values)):
+                raise InputError(f"A box of {target!r} in '{path}' must be six RAS numbers (two corners), got "
+                                 f"{json.dumps(box)}.")
+            out.append(prompt_from_dict({"type": "box", "ras_min": values[:3].tolist(), "ras_max": values[3:].tolist(),
                                          "plane": obj_plane, "target": target}))
         for key, include in (("points", True), ("exclude_points", False)):
             for point in obj.get(key, []):
@@ -520,17 +537,27 @@ def _run_arguments(p) -> None:
 
 
 GEOMETRY_FLAGS = ("--box", "--point", "--exclude-point")
+_GEOMETRY_VALUE = re.compile(r"^(-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|include|exclude)(,(-?(\d+\.?\d*|\.\d+)"
+                             r"([eE][-+]?\d+)?|include|exclude))*,?$", re.IGNORECASE)
 
 
 def joined_geometry_arguments(argv: list[str]) -> list[str]:
-    """``--box -12.5,3,4,...`` as ``--box=-12.5,3,4,...``: argparse would take a comma list that
-    starts with a minus sign for an option."""
+    """``--box -29,-29,10 -10,-10,10`` as ``--box=-29,-29,10,-10,-10,10``: argparse would take a value
+    that starts with a minus sign and holds a comma for an option. Every number (or comma list, or
+    include/exclude) right after a geometry flag joins it."""
     out: list[str] = []
-    for token in argv:
-        if out and out[-1] in GEOMETRY_FLAGS and token.startswith("-") and "," in token:
-            out[-1] = f"{out[-1]}={token}"
-        else:
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token not in GEOMETRY_FLAGS:
             out.append(token)
+            continue
+        values = []
+        while i < len(argv) and _GEOMETRY_VALUE.match(argv[i]):
+            values.append(argv[i].rstrip(","))
+            i += 1
+        out.append(f"{token}={','.join(values)}" if values else token)
     return out
 
 

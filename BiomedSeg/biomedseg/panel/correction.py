@@ -78,6 +78,8 @@ class CorrectionSession:
     sent: int = 0  # prompts the last finished run had
     steps: list[Step] = field(default_factory=list)
     markups: list = field(default_factory=list)  # (prompt index, node, control point ID) not yet run
+    #: ``slicer_bridge.image_stamp`` of the volume when its image was last sent to the worker session
+    stamp: tuple = ()
 
     @property
     def axis(self) -> int:
@@ -321,7 +323,13 @@ class CorrectionController:
             raise InputError(f"Segment '{s.name}' is locked, so BiomedSeg will not change it.",
                              hint="Unlock it, or start a new segment.")
         client = self.panel.client_for(state.worker_python)
+        stamp = slicer_bridge.image_stamp(s.volume_node)
+        if s.id in client.sessions and stamp != s.stamp:  # the voxels or the geometry changed: never correct
+            client.close_session(s.id)                     # on the image the worker kept
+            s.grid = slicer_bridge.grid_of(s.volume_node)
         send = s.id not in client.sessions
+        if send:
+            s.stamp = stamp
         volume = slicer_bridge.volume_from_node(s.volume_node, harden_transform=True) if send else s.grid
         run_state = replace(state, prompts=[], slice_axis=s.plane, slice_range=s.slice_range)
         request = build_request(run_state, volume, prompts=list(s.prompts))

@@ -19,7 +19,7 @@ from .markups import control_point_id, control_point_prompt, prompts_from_markup
 from .segmentations import (BINARY_LABELMAP, REFERENCE_GEOMETRY, ensure_converter_rules, reference_geometry_parameter,
                             segment_labelmap, segment_mask, segment_tag, terminology_from_tag, terminology_tag_name,
                             terminology_to_tag, undo_segments, write_segments)
-from .volumes import dicom_files_of, grid_of, matrix_to_numpy, node_from_volume, numpy_to_matrix, volume_from_node
+from .volumes import dicom_files_of, grid_of, image_stamp, matrix_to_numpy, node_from_volume, numpy_to_matrix, volume_from_node
 
 __all__ = ["BINARY_LABELMAP", "REFERENCE_GEOMETRY", "dicom_files_of", "ensure_converter_rules",
            "export_to_labelmap_node", "load_segmentation", "matrix_to_numpy", "new_segmentation_node",
@@ -30,4 +30,4 @@ __all__ = ["BINARY_LABELMAP", "REFERENCE_GEOMETRY", "dicom_files_of", "ensure_co
            # editable area, locks and markups of the correction workflow
            "LOCKED_TAG", "EditRules", "apply_rules", "describe_rules", "editable_area", "editor_rules",
            "is_segment_locked", "set_segment_locked", "write_in_editable_area", "control_point_id",
-           "control_point_prompt", "remove_markup", "grid_of"]
+           "control_point_prompt", "remove_markup", "grid_of", "image_stamp"]

@@ -105,6 +105,15 @@ def volume_from_node(node, harden_transform: bool = False) -> Volume:
     return Volume(array, ijk_to_ras, name=node.GetName() or "", meta=meta, channels_last=n_comp > 1)
 
 
+def image_stamp(node) -> tuple:
+    """What changes when a volume node's voxels or geometry change (its image data's modification time,
+    its IJK-to-RAS and its parent transform): to tell whether an image kept in a worker session is stale."""
+    image = node.GetImageData() if node is not None else None
+    transform = node.GetParentTransformNode() if node is not None else None
+    return (image.GetMTime() if image is not None else None, tuple(np.round(_ijk_to_ras_of(node), 9).ravel()),
+            (transform.GetID(), transform.GetMTime()) if transform is not None else None)
+
+
 def grid_of(node, harden_transform: bool = True) -> Volume:
     """A volume node's voxel grid in world RAS as a ``Volume`` whose voxels are a read-only zero view (nothing
     copied): for geometry only (regions, prompts on the grid, writing a mask on it)."""

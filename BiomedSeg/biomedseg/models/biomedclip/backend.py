@@ -50,6 +50,13 @@ def representative(n_slices: int, count: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(lo, hi, count)})
 
 
+def crop_offset(volume: Volume, axis: int) -> int:
+    """Where ``volume`` starts along array ``axis`` in the image it was cut from (a slice range or ROI),
+    so the slices reported are the whole image's (what ``--slice-range`` counts)."""
+    box = volume.meta.get("cropped_from")
+    return int(box[axis][0]) if box else 0
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, np.float64) - np.max(logits)
     e = np.exp(z)
@@ -182,14 +189,16 @@ class BiomedCLIPBackend(Backend):
         report = {"task": task}
         if task == "rank":
             orientation = volume.slice_orientation(d["plane"])
+            offset = crop_offset(volume, orientation.slice_axis)
             labels, ranking = self._rank([get(i) for i in range(count)], prompts.texts, d, progress, cancelled,
-                                         lambda i: orientation.display_slice_index(i, count))
+                                         lambda i: orientation.display_slice_index(i, count) + offset)
             report["ranking"] = ranking
         else:
             chosen = representative(count, d["slices"])
             image = self._mean(self.embed([get(i) for i in chosen], progress, cancelled))
             orientation = volume.slice_orientation(d["plane"])
-            report["slices"] = [orientation.display_slice_index(i, count) for i in chosen]
+            offset = crop_offset(volume, orientation.slice_axis)
+            report["slices"] = [orientation.display_slice_index(i, count) + offset for i in chosen]
             if task == "classify":
                 labels = self._classify(image, prompts.texts, d["template"], "classify")
             elif task == "recognize":

@@ -15,6 +15,7 @@ the target again from its prompts, on the features already computed.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,22 @@ def prompt_arguments(items: list[FramePrompt], masks: dict) -> list[dict]:
             call["labels"] = np.array([1 if p.include else 0 for p in points], dtype=np.int32)
         calls.append(call)
     return calls
+
+
+def new_prompts(old_keys: list, prompts: list[FramePrompt]) -> list[FramePrompt] | None:
+    """The prompts added since ``old_keys`` when every old prompt is still there (the engine hands prompts
+    over grouped by kind, so a click after a segment or a box after clicks still reads as an addition);
+    None when something was taken back or changed."""
+    remaining = Counter(old_keys)
+    added: list[FramePrompt] = []
+    for p in prompts:
+        if remaining[p.key()] > 0:
+            remaining[p.key()] -= 1
+        else:
+            added.append(p)
+    if +remaining:  # an old prompt is gone
+        return None
+    return added or None
 
 
 class MedSAM2Session:
@@ -121,9 +138,10 @@ class MedSAM2Session:
             known.video.progress, known.video.cancelled = progress, cancelled
         if same_frames and keys == known.keys:
             return set(), "unchanged"
-        if same_frames and keys[:len(known.keys)] == known.keys:
+        added = new_prompts(known.keys, wanted.prompts) if same_frames else None
+        if added:
             recomputed: set[int] = set()
-            for frame, items in grouped(wanted.prompts[len(known.keys):]).items():
+            for frame, items in grouped(added).items():
                 for call in prompt_arguments(items, wanted.masks):
                     recomputed |= set(known.video.correct(frame, **call))
                 recomputed.add(frame)
