@@ -7,8 +7,8 @@ What is kept, and why:
   reuses them; bounded in bytes, least recently used out first, recomputed on a miss);
 - per target, the object's video state (conditioning frames, memories, logits).
 
-A run sends a target's prompts in full (the box, then every click so far). When the prompts
-it had are a prefix of the new ones, only the new ones are applied, as corrections: the model
+A run sends a target's prompts in full (the box, then every click so far). When every prompt
+it had is still among the new ones, only the added ones are applied, as corrections: the model
 recomputes just the frames between the corrected frame and its neighbouring conditioning
 frames (``ObjectVideo.correct``). Anything else (an undone click, another plane or range) starts
 the target again from its prompts, on the features already computed.
@@ -128,8 +128,8 @@ class MedSAM2Session:
         return ModelOutput(out, report=report)
 
     def _apply(self, target: str, wanted: TargetFrames, store, progress, cancelled):
-        """Bring the target's video state to ``wanted``: corrections when the old prompts are a
-        prefix of the new ones on the same plane and range, else a fresh object."""
+        """Bring the target's video state to ``wanted``: corrections when every old prompt is kept on the
+        same plane and range (``new_prompts``), else a fresh object."""
         keys = wanted.keys()
         known = self.targets.get(target)
         same_frames = (known is not None and known.frames.plane == wanted.plane
