@@ -70,6 +70,22 @@ BIOMEDCLIP_WORDS = ["this", "is", "a", "photo", "of", "ct", "scan", "an", "mri",
                     "eye", "spleen"]
 
 
+def chest_like(direction=None, origin=(0.0, 0.0, 0.0)):
+    """A CT-like volume for BiomedCLIP tests: air outside, soft tissue, two dark 'lungs'; each slice a
+    little different (so no two slices share an embedding)."""
+    import numpy as np
+
+    from biomedseg.volume import Volume
+    from geometry_cases import affine
+
+    k, j, i = np.indices((12, 32, 32))
+    body = (j - 16) ** 2 + (i - 16) ** 2 < 14 ** 2
+    lungs = ((j - 14) ** 2 + (i - 9) ** 2 < 4 ** 2) | ((j - 14) ** 2 + (i - 23) ** 2 < 4 ** 2)
+    array = np.where(body, 40, -1000) + np.where(lungs & (k > 3), -800, 0) + 5 * k
+    return Volume(array.astype(np.int16), affine(direction if direction is not None else np.eye(3),
+                                                  (0.8, 0.8, 3.0), origin), name="chest")
+
+
 @pytest.fixture(scope="session")
 def biomedclip_weights(tmp_path_factory):
     """A BiomedCLIP weights folder as the catalogue names it: the deterministic-weights checkpoint
@@ -135,9 +151,9 @@ def mrml_scene():
 
 
 @contextlib.contextmanager
-def worker_test_models():
-    """Register the controllable test models (the model folders under worker_models/) in this
-    process and in the workers it starts, through $BIOMEDSEG_EXTRA_MODELS as a site would.
+def registered_models(folder):
+    """Register the model folders under ``folder`` in this process and in the workers it starts, through
+    $BIOMEDSEG_EXTRA_MODELS as a site would.
 
     The variable is restored on exit; the catalogue cache is cleared on entry and exit so it is
     re-read with the current environment.
@@ -145,7 +161,7 @@ def worker_test_models():
     from biomedseg.catalog import load_catalog
 
     saved = os.environ.get("BIOMEDSEG_EXTRA_MODELS")
-    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(WORKER_MODELS)
+    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(folder)
     load_catalog.cache_clear()
     try:
         yield
@@ -155,6 +171,11 @@ def worker_test_models():
         else:
             os.environ["BIOMEDSEG_EXTRA_MODELS"] = saved
         load_catalog.cache_clear()
+
+
+def worker_test_models():
+    """The controllable test models (the model folders under worker_models/), registered (``registered_models``)."""
+    return registered_models(WORKER_MODELS)
 
 
 def load_model_module(folder: str, name: str = "backend"):

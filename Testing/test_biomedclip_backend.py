@@ -13,23 +13,14 @@ import pytest
 from biomedseg.errors import InputError
 from biomedseg.prompts import TextPrompt
 from biomedseg.volume import Volume
-from geometry_cases import DIRECTIONS, affine
+from conftest import chest_like
+from geometry_cases import DIRECTIONS
 
 
 
 @pytest.fixture(scope="module")
 def weights(biomedclip_weights):
     return biomedclip_weights
-
-
-def chest_like(direction=None) -> Volume:
-    """A CT-like volume: air outside, soft tissue, two dark 'lungs'; each slice a little different."""
-    k, j, i = np.indices((12, 32, 32))
-    body = (j - 16) ** 2 + (i - 16) ** 2 < 14 ** 2
-    lungs = ((j - 14) ** 2 + (i - 9) ** 2 < 4 ** 2) | ((j - 14) ** 2 + (i - 23) ** 2 < 4 ** 2)
-    array = np.where(body, 40, -1000) + np.where(lungs & (k > 3), -800, 0) + 5 * k
-    return Volume(array.astype(np.int16), affine(direction if direction is not None else np.eye(3),
-                                                  (0.8, 0.8, 3.0)), name="chest")
 
 
 def run(volume, prompts, weights, **options):
@@ -101,7 +92,7 @@ def test_ranking_order_follows_the_scores_and_names_array_slices_in_any_storage_
             step[2 - orientation.slice_axis] = entry["slice"]
             shifted[:3, 3] += volume.ijk_to_ras[:3, :3] @ step
             one = Volume(np.expand_dims(volume.array[tuple(cut)], orientation.slice_axis), shifted)
-            grey = backend.slices(one, result_plan(backend, one))[0]
+            grey = backend.frames(one, result_plan(backend, one))[1](0)
             image = backend.embed([grey], lambda *a: None, lambda: False)[0]
             assert abs(backend.scale() * float(image @ text_emb) - entry["score"]) < 1e-4
     assert [l.target for l in result.labels] == ["lung"] * 4 + ["liver"] * 4

@@ -12,7 +12,6 @@ plus undo (exact previous voxels, clicks and markups taken back) and each editab
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 
@@ -22,11 +21,10 @@ import pytest
 slicer = pytest.importorskip("slicer")
 
 from biomedseg import slicer_bridge as sb  # noqa: E402
-from biomedseg.catalog import load_catalog  # noqa: E402
 from biomedseg.errors import InputError  # noqa: E402
 from biomedseg.panel import SHORTCUTS, CorrectionController, PanelController, PanelState  # noqa: E402
 from biomedseg.prompts import BoxPrompt, PointPrompt  # noqa: E402
-from conftest import mrml_scene  # noqa: E402
+from conftest import mrml_scene, registered_models  # noqa: E402
 
 from correction_cases import MODEL, RANGE, SHAPE, TOY, click, disc, phantom, ras, rect, roi  # noqa: E402
 
@@ -38,17 +36,10 @@ def client(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("site_models")
     shutil.copytree(TOY, root / TOY.name, ignore=shutil.ignore_patterns("__pycache__"))
-    saved = os.environ.get("BIOMEDSEG_EXTRA_MODELS")
-    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(root)
-    load_catalog.cache_clear()
-    worker = WorkerClient()
-    yield worker
-    worker.close()
-    if saved is None:
-        os.environ.pop("BIOMEDSEG_EXTRA_MODELS", None)
-    else:
-        os.environ["BIOMEDSEG_EXTRA_MODELS"] = saved
-    load_catalog.cache_clear()
+    with registered_models(root):
+        worker = WorkerClient()
+        yield worker
+        worker.close()
 
 
 @pytest.fixture

@@ -6,9 +6,7 @@ function of the prompts and of the frame it is shown (Testing/toy_models/medsam2
 so every expected voxel is computed here independently, from the geometry alone."""
 from __future__ import annotations
 
-import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 from biomedseg.errors import CancelledError, InputError
 from biomedseg.prompts import BoxPrompt, MaskPrompt, PointPrompt, TextPrompt
 from biomedseg.volume import Volume
+from conftest import registered_models
 from geometry_cases import DIRECTIONS, affine
 
 TOYS = Path(__file__).parent / "toy_models"
@@ -28,19 +27,10 @@ SHAPE = (8, 9, 11)
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
     """The stand-in registered as a site model, in this process and in the workers it starts."""
-    from biomedseg.catalog import load_catalog
-
     root = tmp_path_factory.mktemp("models")
     shutil.copytree(TOYS / "medsam2_standin", root / "medsam2_standin")
-    saved = os.environ.get("BIOMEDSEG_EXTRA_MODELS")
-    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(root)
-    load_catalog.cache_clear()
-    yield
-    if saved is None:
-        os.environ.pop("BIOMEDSEG_EXTRA_MODELS", None)
-    else:
-        os.environ["BIOMEDSEG_EXTRA_MODELS"] = saved
-    load_catalog.cache_clear()
+    with registered_models(root):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from biomedseg.panel.recognition import (CLIP, Recognition, RecognitionControlle
                                          same_modality, slice_centre)
 from biomedseg.prompts import ras_to_index  # noqa: E402
 from biomedseg.volume import Volume  # noqa: E402
+from conftest import chest_like as conftest_chest_like  # noqa: E402
 from conftest import mrml_scene  # noqa: E402
 from geometry_cases import DIRECTIONS, affine  # noqa: E402
 
@@ -54,13 +55,7 @@ def client():
 
 
 def chest_like(direction=None) -> Volume:
-    """CT-like: air outside, soft tissue, two dark 'lungs'; each slice a little different."""
-    k, j, i = np.indices((12, 32, 32))
-    body = (j - 16) ** 2 + (i - 16) ** 2 < 14 ** 2
-    lungs = ((j - 14) ** 2 + (i - 9) ** 2 < 4 ** 2) | ((j - 14) ** 2 + (i - 23) ** 2 < 4 ** 2)
-    array = np.where(body, 40, -1000) + np.where(lungs & (k > 3), -800, 0) + 5 * k
-    return Volume(array.astype(np.int16), affine(direction if direction is not None else np.eye(3),
-                                                  (0.8, 0.8, 3.0), (10.0, -20.0, 30.0)), name="chest")
+    return conftest_chest_like(direction, origin=(10.0, -20.0, 30.0))
 
 
 @pytest.fixture

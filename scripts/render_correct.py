@@ -18,7 +18,6 @@ a real run's but the mask is not a trained model's).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -33,16 +32,12 @@ def capture_correction(name: str = "organ", weights: str | None = None) -> dict:
     """Propagate a box, then correct it with one exclude click, through the worker as the panel does.
     With ``weights`` (a MedSAM2 checkpoint) the model is MedSAM2 itself instead of the toy."""
     from correction_cases import LEAK, MISSED, MODEL, RANGE, TOY_MODELS, click, phantom, ras, roi
-    from conftest import mrml_scene
+    from conftest import mrml_scene, registered_models
 
     from biomedseg import slicer_bridge as sb
-    from biomedseg.catalog import load_catalog
     from biomedseg.panel import CorrectionController, PanelController, PanelState
 
-    saved = os.environ.get("BIOMEDSEG_EXTRA_MODELS")
-    os.environ["BIOMEDSEG_EXTRA_MODELS"] = str(TOY_MODELS)
-    load_catalog.cache_clear()
-    try:
+    with registered_models(TOY_MODELS):
         with mrml_scene() as scene:
             volume = phantom()
             node = sb.node_from_volume(scene, volume, volume.name)
@@ -71,12 +66,6 @@ def capture_correction(name: str = "organ", weights: str | None = None) -> dict:
                 can_undo = corrections.can_undo
             finally:
                 panel.close()
-    finally:
-        if saved is None:
-            os.environ.pop("BIOMEDSEG_EXTRA_MODELS", None)
-        else:
-            os.environ["BIOMEDSEG_EXTRA_MODELS"] = saved
-        load_catalog.cache_clear()
     return {"first": first, "second": second, "hint": hint, "segments": segments, "segment": session.name,
             "range": RANGE, "slices": volume.shape[0], "rules": rules, "tool": "include", "can_undo": can_undo}
 

@@ -73,6 +73,16 @@ def world_to_node_frame(node, what: str = "segmentation") -> np.ndarray:
     return np.linalg.inv(matrix_to_numpy(m))
 
 
+def _array_ijk_to_world(node, image, to_world) -> np.ndarray:
+    """IJK-to-world-RAS of the node's voxel array: the array starts at the image extent's first index, not
+    (0, 0, 0), so the origin moves there; then the hardened parent transform, if any."""
+    ijk_to_ras = _ijk_to_ras_of(node)
+    extent = image.GetExtent()
+    if extent[0] or extent[2] or extent[4]:
+        ijk_to_ras[:3, 3] = (ijk_to_ras @ np.array([extent[0], extent[2], extent[4], 1.0]))[:3]
+    return ijk_to_ras if to_world is None else to_world @ ijk_to_ras
+
+
 def volume_from_node(node, harden_transform: bool = False) -> Volume:
     """A scalar (or RGB vector) volume node as a ``Volume`` in world RAS, voxels copied.
 
@@ -91,13 +101,7 @@ def volume_from_node(node, harden_transform: bool = False) -> Volume:
     flat = vtk_to_numpy(image.GetPointData().GetScalars())
     shape = (nz, ny, nx, n_comp) if n_comp > 1 else (nz, ny, nx)
     array = np.array(flat.reshape(shape), copy=True)
-    ijk_to_ras = _ijk_to_ras_of(node)
-    extent = image.GetExtent()
-    if extent[0] or extent[2] or extent[4]:
-        # The array starts at index (e0, e2, e4), not (0, 0, 0): move the origin there.
-        ijk_to_ras[:3, 3] = (ijk_to_ras @ np.array([extent[0], extent[2], extent[4], 1.0]))[:3]
-    if to_world is not None:
-        ijk_to_ras = to_world @ ijk_to_ras
+    ijk_to_ras = _array_ijk_to_world(node, image, to_world)
     meta = {"source": "slicer", "node_id": node.GetID(), "node_name": node.GetName()}
     meta.update(_dicom_meta(node))
     if to_world is not None:
@@ -123,12 +127,7 @@ def grid_of(node, harden_transform: bool = True) -> Volume:
         raise InputError(f"The volume '{label if node is not None else 'None'}' holds no voxels; load an image first.")
     to_world = _to_world_matrix(node, harden_transform)
     nx, ny, nz = image.GetDimensions()
-    ijk_to_ras = _ijk_to_ras_of(node)
-    extent = image.GetExtent()
-    if extent[0] or extent[2] or extent[4]:
-        ijk_to_ras[:3, 3] = (ijk_to_ras @ np.array([extent[0], extent[2], extent[4], 1.0]))[:3]
-    if to_world is not None:
-        ijk_to_ras = to_world @ ijk_to_ras
+    ijk_to_ras = _array_ijk_to_world(node, image, to_world)
     return Volume(np.broadcast_to(np.zeros((), np.uint8), (nz, ny, nx)), ijk_to_ras, name=node.GetName() or "",
                   meta={"source": "slicer", "node_id": node.GetID(), "geometry_only": True})
 

@@ -131,11 +131,6 @@ class BiomedCLIPBackend(Backend):
 
         return display.shape[0], get
 
-    def slices(self, volume: Volume, plan: Plan) -> np.ndarray:
-        """Every slice along the plan's plane as uint8 (n, H, W[, 3])."""
-        count, get = self.frames(volume, plan)
-        return np.stack([get(i) for i in range(count)])
-
     def embed(self, images, progress, cancelled) -> np.ndarray:
         """Normalised image embeddings [n, 512] of uint8 slices, from the cache where it has them."""
         import torch

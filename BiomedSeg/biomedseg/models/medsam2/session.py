@@ -76,17 +76,17 @@ class MedSAM2Session:
     def __init__(self, backend, volume: Volume, plan):
         self.backend, self.volume = backend, volume
         self.details = plan.details
-        self.framings: dict[str, tuple[Framing, np.ndarray, object]] = {}
+        self.framings: dict[str, tuple[Framing, object]] = {}
         self.targets: dict[str, TrackedTarget] = {}
 
-    def _frames(self, plane: str, progress, cancelled):
-        """(framing, uint8 frames, frame store) of ``plane``, made once per session."""
+    def _frames(self, plane: str):
+        """(framing, frame store over the windowed uint8 frames) of ``plane``, made once per session."""
         if plane not in self.framings:
             framing = Framing(self.volume, plane)
             lo, hi = self.details["window"]
             grey = np.ascontiguousarray(window_to_uint8(framing.frames_of(self.volume.array), lo, hi))
             store = self.backend.frame_store(grey)
-            self.framings[plane] = (framing, grey, store)
+            self.framings[plane] = (framing, store)
         return self.framings[plane]
 
     def run(self, prompts: PromptSet, plan, *, progress, cancelled) -> ModelOutput:
@@ -102,7 +102,7 @@ class MedSAM2Session:
         report = {"window": self.details["window_rule"], "memory": self.details["memory"], "targets": {}}
         for target in prompts.targets:
             plane = plane_of(prompts, target, self.details["plane"])
-            framing, _, store = self._frames(plane, progress, cancelled)
+            framing, store = self._frames(plane)
             wanted = target_frames(framing, prompts, target, mask_as=self.details["mask_prompt"],
                                    mask_key_frames=self.details["key_slices"], margin=self.details["margin"])
             encoded_before = self.backend.encodings(store)
