@@ -2,11 +2,14 @@
 
 A ``Segment`` is what every writer and the Slicer bridge consume: a boolean (k, j, i)
 mask plus a name, an RGB colour in 0..1 and a terminology entry in the dict form
-``slicerio`` uses (``category``/``type``/``typeModifier`` as [scheme, code, meaning]).
+``slicerio`` uses (``category``/``type``/``typeModifier``/``anatomicRegion`` as [scheme, code,
+meaning]). ``resources/terminology.json`` gives every target of every bundled model a code and
+a colour; its ``_comment`` says where they come from.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -39,33 +42,110 @@ def _terminology_table() -> dict:
     return json.loads(text)
 
 
+_SIDE_WORDS = {"l": "left", "lt": "left", "left": "left", "r": "right", "rt": "right", "right": "right"}
+_WORD_FIXES = {"tumour": "tumor", "tumours": "tumors", "grey": "gray", "oesophagus": "esophagus",
+               "oedema": "edema", "foetal": "fetal", "haemorrhage": "hemorrhage"}
+
+
+def _words(text: str) -> list[str]:
+    """Lower case, punctuation to spaces ('/' kept), UK spellings fixed, 'of'/'the' dropped."""
+    text = re.sub(r"\s*/\s*", "/", str(text).lower())
+    words = re.sub(r"[^a-z0-9/]+", " ", text).split()
+    return [_WORD_FIXES.get(w, w) for w in words if w not in ("of", "the")]
+
+
+def _split_side(words: list[str]) -> tuple[str | None, list[str]]:
+    """('left', ['kidney']) for 'kidney left' / 'L kidney'; (None, words) without exactly one side word."""
+    sides = [w for w in words if w in _SIDE_WORDS]
+    if len(sides) != 1:
+        return None, words
+    return _SIDE_WORDS[sides[0]], [w for w in words if w not in _SIDE_WORDS]
+
+
+def _phrase(text: str) -> str:
+    side, rest = _split_side(_words(text))
+    return " ".join(([side] if side else []) + rest)
+
+
+@lru_cache(maxsize=1)
+def _phrases() -> dict[str, str]:
+    """Normalised name or synonym -> entry name (entry names win over synonyms)."""
+    targets = _terminology_table()["targets"]
+    out: dict[str, str] = {}
+    for name, entry in targets.items():
+        for alt in entry.get("synonyms", []):
+            out.setdefault(_phrase(alt), name)
+    for name in targets:
+        out[_phrase(name)] = name
+    return out
+
+
+def _resolve(target: str) -> tuple[str, str | None] | None:
+    """(entry name, side or None) for a target name, or None when no entry knows it."""
+    phrases = _phrases()
+    side, rest = _split_side(_words(target))
+    whole = " ".join(([side] if side else []) + rest)
+    if whole in phrases:  # names whose side is part of the structure: 'left ventricle', 'left atrium'
+        return phrases[whole], None
+    base = " ".join(rest)
+    candidates = [base]
+    if rest and rest[-1].endswith("s"):  # plurals: 'kidneys', 'ribs', 'boxes'
+        candidates += [" ".join(rest[:-1] + [rest[-1][:-1]]), " ".join(rest[:-1] + [rest[-1][:-2]])]
+    for candidate in candidates:
+        if candidate in phrases:
+            return phrases[candidate], side
+    return None
+
+
+def canonical_target(target: str) -> str | None:
+    """The terminology entry a target name resolves to ('Left Kidney' -> 'kidney', 'lv' ->
+    'left ventricle', 'tumour' -> 'tumor'), or None for names no entry knows."""
+    found = _resolve(target)
+    return found[0] if found else None
+
+
+def _shade(rgb, how: str) -> list[int]:
+    """The side rule of terminology.json: 'right' darkens each channel to 75 %, 'both' (no side
+    given) mixes in 40 % white; 'left' keeps the listed colour."""
+    if how == "right":
+        return [round(c * 0.75) for c in rgb]
+    return [round(c + (255 - c) * 0.4) for c in rgb]
+
+
 def terminology_for(target: str) -> tuple[dict, tuple[float, float, float]] | None:
-    """Terminology entry and colour for a target name ('liver', 'left kidney', 'tumour')."""
-    table = _terminology_table()
-    words = target.strip().lower().replace("_", " ").split()
-    side = None
-    if words and words[0] in table["modifiers"]:
-        side, words = words[0], words[1:]
-    elif words and words[-1] in table["modifiers"]:
-        side, words = words[-1], words[:-1]
-    base = " ".join(words)
-    entry = None
-    for name, candidate in table["targets"].items():
-        if base == name or base in candidate.get("synonyms", []) or base.rstrip("s") == name:
-            entry = candidate
-            break
-    if entry is None:
+    """Terminology entry and colour for a target name ('liver', 'left kidney', 'tumour').
+
+    The dict has ``category``/``type`` and, where they apply, ``typeModifier`` (laterality, or
+    a qualifier such as 'Anterior'), ``anatomicRegion`` and ``anatomicRegionModifier`` (the
+    side of the region: 'left kidney tumor'), each [scheme, code, meaning].
+    """
+    found = _resolve(target)
+    if found is None:
         return None
+    name, side = found
+    table = _terminology_table()
+    entry = table["targets"][name]
     term = {
-        "contextName": table["context"],
+        "contextName": table["dicom_context"] if entry.get("context") == "dicom" else table["context"],
         "category": list(table["categories"][entry["category"]]),
         "type": list(entry["type"]),
         "anatomicContextName": table["anatomic_context"],
     }
-    if side and entry.get("sided"):
-        term["typeModifier"] = list(table["modifiers"][side])
-    color = tuple(c / 255.0 for c in entry["color"])
-    return term, color
+    if entry.get("typeModifier"):
+        term["typeModifier"] = list(entry["typeModifier"])
+    if entry.get("anatomicRegion"):
+        term["anatomicRegion"] = list(entry["anatomicRegion"])
+    sided = entry.get("sided")
+    color = list(entry["color"])
+    if sided:
+        if side != "left":  # Slicer's lists give both sides one colour: the rule in the JSON's _comment
+            color = _shade(color, side or "both")
+        if side:
+            if sided == "region" and "anatomicRegion" in term:
+                term["anatomicRegionModifier"] = list(table["modifiers"][side])
+            elif "typeModifier" not in term:
+                term["typeModifier"] = list(table["modifiers"][side])
+    return term, tuple(c / 255.0 for c in color)
 
 
 def default_terminology() -> dict:
