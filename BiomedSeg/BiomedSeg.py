@@ -82,6 +82,7 @@ class BiomedSegParameterNode:
     workerPython: str = ""
     weightsPath: str = ""
     show3D: bool = True
+    showProbabilities: bool = False
 
 
 # ---- Widget: a thin view ----

@@ -73,6 +73,8 @@ class PanelController:
         self.run: _Run | None = None
         self.undo_stack: list[tuple] = []  # (segmentation node, undo record, names)
         self.last_outcome: RunOutcome | None = None
+        #: target -> the volume node showing its soft map after the last run (``state.show_probabilities``)
+        self.probability_nodes: dict[str, object] = {}
 
     # ---- worker ----
     def client_for(self, worker_python: str = ""):
@@ -240,6 +242,7 @@ class PanelController:
                              absent_reasons=dict(result.absent_reasons), labels=list(result.labels),
                              findings=list(result.findings), report=dict(result.report))
         if not result.segments:
+            self._show_probabilities(run, result)  # the soft map shows why nothing passed the threshold
             if result.absent:
                 outcome.message = PanelMessage(f"The model did not find {', '.join(result.absent)} in this image; "
                                                "nothing was written.", "absent")
@@ -261,6 +264,7 @@ class PanelController:
         names = [node.GetSegmentation().GetSegment(s).GetName() for s in record["segment_ids"]]
         self.undo_stack.append((node, record, names))
         slicer_bridge.show_segmentation(node, run.state.show_3d)
+        self._show_probabilities(run, result)
         outcome.segmentation_node = node
         outcome.segment_ids = list(record["segment_ids"])
         outcome.names = names
@@ -269,6 +273,18 @@ class PanelController:
             outcome.voxels[name] = int(seg.mask.sum())
             outcome.volumes_ml[name] = outcome.voxels[name] * voxel_ml
         return outcome
+
+    def _show_probabilities(self, run: _Run, result) -> None:
+        """Each soft map the worker returned (it was asked when ``show_probabilities`` is set) over the image,
+        in the node "<target> probability" (reused run after run), with the band around the threshold lit."""
+        self.probability_nodes = {}
+        reference = run.volume_node if run.volume_node is not None and run.volume_node.GetScene() else None
+        if not run.state.show_probabilities or reference is None:
+            return
+        threshold = float(run.request.kwargs.get("threshold", run.state.threshold))
+        for target, probability in result.probabilities.items():
+            self.probability_nodes[target] = slicer_bridge.show_probability_map(self.scene, reference, target,
+                                                                                probability, threshold)
 
     # ---- undo ----
     @property

@@ -76,6 +76,7 @@ def build_request(state: PanelState, volume: Volume, roi_bounds: tuple | None = 
     check_options(state.model, entry.options, options)
     kwargs = {"device": state.device, "threshold": float(state.threshold), "keep_largest": keep_largest,
               "fill_holes": fill_holes, "weights": state.weights or None, "options": options, "region": region}
+    kwargs["probabilities"] = bool(state.show_probabilities) and "masks" in entry.results  # the soft maps to show
     return Request(volume, state.model, prompts, region, kwargs)
 
 

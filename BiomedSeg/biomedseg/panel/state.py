@@ -77,6 +77,8 @@ class PanelState:
     #: Local checkpoint (file or folder) instead of the catalogue's source ('' = none).
     weights: str = ""
     show_3d: bool = True
+    #: Ask the worker for each target's soft map and show it over the image ("<target> probability").
+    show_probabilities: bool = False
     #: Where ``modality`` and ``site`` came from when the panel guessed them ("BiomedCLIP: CT 62%, chest 48%",
     #: "DICOM tags: CT; BiomedCLIP: chest 48%"); '' when the person chose them or nothing was recognised.
     guess_source: str = ""
@@ -90,7 +92,8 @@ def state_from_parameters(p) -> PanelState:
         model=p.model, prompts=parse_prompts(p.prompts), modality=p.modality, site=p.site,
         slice_axis=p.sliceAxis, slice_range=(p.sliceFirst, p.sliceLast) if p.useSliceRange else None,
         threshold=p.threshold, postprocess=p.postprocess, write_mode=p.writeMode, device=p.device,
-        worker_python=p.workerPython, weights=p.weightsPath, show_3d=p.show3D)
+        worker_python=p.workerPython, weights=p.weightsPath, show_3d=p.show3D,
+        show_probabilities=p.showProbabilities)
 
 
 __all__ = ["SLICE_AXES", "DEVICES", "POSTPROCESS", "WRITE_MODES", "EXPORT_FORMATS", "parse_prompts", "join_prompts",
