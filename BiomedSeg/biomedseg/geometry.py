@@ -74,7 +74,8 @@ def make_region(plane: str = "axial", slice_range=None, roi=None) -> Region:
         if (not isinstance(slice_range, (list, tuple)) or len(slice_range) != 2
                 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in slice_range)):
             raise InputError(f"The slice range must be two whole numbers (first, last), got {slice_range!r}.")
-        first, last = sorted(int(v) for v in slice_range)
+        first, last = (int(v) for v in slice_range)
+        _refuse_reversed(first, last)
         slice_range = (first, last)
     if roi is not None:
         try:
@@ -90,6 +91,12 @@ def make_region(plane: str = "axial", slice_range=None, roi=None) -> Region:
             raise InputError("The region of interest has non-finite corners.")
         roi = (tuple(float(v) for v in np.minimum(lo, hi)), tuple(float(v) for v in np.maximum(lo, hi)))
     return Region(plane.lower(), slice_range, roi)
+
+
+def _refuse_reversed(first: int, last: int) -> None:
+    if first > last:  # a typo, most likely: refused rather than guessed
+        raise InputError(f"Slice range {first}..{last} is reversed: the first slice must not be greater than the last.",
+                         hint=f"Give the lower slice first (e.g. {last} {first}).")
 
 
 def crop_for_roi(volume: Volume, ras_min, ras_max) -> Crop:
@@ -118,6 +125,7 @@ def region_box(volume: Volume, region: Region | None) -> Crop | None:
     if region.slice_range is not None:
         axis = volume.slice_orientation(region.plane).slice_axis
         first, last = region.slice_range
+        _refuse_reversed(first, last)
         n = volume.shape[axis]
         if not 0 <= first <= last < n:
             raise InputError(f"Slice range {first}..{last} is outside 0..{n - 1} for the {region.plane} axis.",

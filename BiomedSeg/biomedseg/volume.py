@@ -296,16 +296,32 @@ def from_nibabel(img, name: str = "", meta: dict | None = None) -> Volume:
                   meta=dict(meta or {}), channels_last=channels)
 
 
+def nifti_xform_codes(volume: Volume) -> tuple[int, int]:
+    """(sform_code, qform_code) to write: those of the NIfTI file the volume was read from, which the reader
+    keeps in ``meta["nifti_xform_codes"]`` (1 scanner, 2 aligned, 3 Talairach, 4 MNI, 5 template: an MNI
+    template's result stays in MNI space); else 1, 1 (scanner). Both transforms are always written (readers
+    that prefer the qform must see the same grid), so a code the input left at 0 takes the other's."""
+    codes = volume.meta.get("nifti_xform_codes") or {}
+    try:
+        sform, qform = int(codes["sform"]), int(codes["qform"])
+    except (KeyError, TypeError, ValueError):
+        return 1, 1
+    if not (0 <= sform <= 5 and 0 <= qform <= 5) or (sform == 0 and qform == 0):
+        return 1, 1
+    return sform or qform, qform or sform
+
+
 def to_nibabel(volume: Volume):
-    """Volume -> nibabel Nifti1Image with sform and qform both set to the RAS affine."""
+    """Volume -> nibabel Nifti1Image with sform and qform both set to the RAS affine (codes: ``nifti_xform_codes``)."""
     import nibabel as nib
 
     if volume.channels_last:
         raise InputError("Colour volumes are written as NRRD or PNG, not NIfTI labelmaps.")
     array = volume.array.astype(np.uint8) if volume.array.dtype == bool else volume.array
     img = nib.Nifti1Image(np.transpose(array, (2, 1, 0)), volume.ijk_to_ras)
-    img.set_qform(volume.ijk_to_ras, code=1)
-    img.set_sform(volume.ijk_to_ras, code=1)
+    sform_code, qform_code = nifti_xform_codes(volume)
+    img.set_qform(volume.ijk_to_ras, code=qform_code)
+    img.set_sform(volume.ijk_to_ras, code=sform_code)
     return img
 
 

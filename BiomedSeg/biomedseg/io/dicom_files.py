@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..volume import Volume
-from .readers import DICOM_TAGS
+from .readers import DICOM_TAGS, dicom_geometry_warnings
 
 
 def read_dicom_tags(path: str) -> dict:
@@ -24,6 +24,20 @@ def read_dicom_tags(path: str) -> dict:
     except RuntimeError:
         return {}
     return {name: reader.GetMetaData(key).strip() for key, name in DICOM_TAGS.items() if reader.HasMetaDataKey(key)}
+
+
+def read_dicom_geometry_warnings(path: str, n_slices: int = 1) -> list[str]:
+    """Sentences for the geometry tags one DICOM file lacks (no Pixel Spacing: 1 mm assumed; no
+    position or orientation: the origin, axial), as the readers put in ``Volume.meta["warnings"]``."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return []
+    return dicom_geometry_warnings(f"'{path}'", reader.HasMetaDataKey, reader, n_slices)
 
 
 def order_dicom_files(volume: Volume, files: list[str]) -> list[str]:
@@ -47,4 +61,4 @@ def order_dicom_files(volume: Volume, files: list[str]) -> list[str]:
     return [by_slice[k] for k in range(volume.shape[0])]
 
 
-__all__ = ["read_dicom_tags", "order_dicom_files"]
+__all__ = ["read_dicom_tags", "read_dicom_geometry_warnings", "order_dicom_files"]

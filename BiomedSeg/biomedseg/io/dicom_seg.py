@@ -19,6 +19,7 @@ from ..errors import DependencyMissingError, InputError
 from ..segments import Segment
 from ..volume import Volume
 from .atomic import atomic_write
+from .preflight import check_dicom_seg_reference
 
 #: Options ``write_dicom_seg`` understands (anything else is refused, so typos surface).
 OPTIONS = ("series_description", "series_number", "content_label", "content_description",
@@ -38,11 +39,7 @@ def write_dicom_seg(path: str | os.PathLike, reference: Volume, segments: list[S
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise InputError(f"Unknown DICOM SEG option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}.")
-    files = reference.meta.get("dicom_files")
-    if not files:
-        raise InputError(f"DICOM SEG needs a DICOM reference: '{reference.name or 'the reference image'}' was not "
-                         "read from a DICOM series, so the segmentation has no images to point to.",
-                         hint="Write .seg.nrrd (or .nii.gz) instead.")
+    files = check_dicom_seg_reference(reference)  # the checks the run's pre-flight made, once more
     try:
         import highdicom as hd
         import pydicom
@@ -98,14 +95,7 @@ def write_dicom_seg(path: str | os.PathLike, reference: Volume, segments: list[S
 def _read_sources(files: list[str], reference: Volume, pydicom) -> list:
     """Source datasets in slice order, checked to be the grid the masks were drawn on."""
     datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    n_slices, n_rows, n_columns = reference.shape
-    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
-        raise InputError(f"'{files[0]}' is a multi-frame DICOM image; DICOM SEG output supports "
-                         "single-frame series only.", hint="Write .seg.nrrd instead.")
-    if len(datasets) != n_slices:
-        raise InputError(f"The reference has {n_slices} slices but lists {len(datasets)} DICOM files; it was "
-                         "changed after reading, so the DICOM SEG frames cannot be tied to the images.",
-                         hint="Segment the volume as read from DICOM, or write .seg.nrrd.")
+    _, n_rows, n_columns = reference.shape  # one single-frame file per slice: check_dicom_seg_reference
     for name, ds in zip(files, datasets):
         if (int(ds.Rows), int(ds.Columns)) != (n_rows, n_columns):
             raise InputError(f"'{name}' has {ds.Rows}x{ds.Columns} pixels but the reference slice is "

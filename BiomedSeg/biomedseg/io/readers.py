@@ -192,7 +192,10 @@ def _read_nifti(p: Path) -> Volume:
         if len(img.shape) < 3:
             img = nib.Nifti1Image(np.asanyarray(img.dataobj).reshape(img.shape + (1,) * (3 - len(img.shape))),
                                   img.affine, img.header)
-        return from_nibabel(img, name=_stem(p), meta={"source": str(p), "file_space": "RAS"})
+        # What the affine means (scanner, aligned, Talairach, MNI...): the writers give results the same codes.
+        codes = {"sform": int(header["sform_code"]), "qform": int(header["qform_code"])}
+        meta = {"source": str(p), "file_space": "RAS", "nifti_xform_codes": codes}
+        return from_nibabel(img, name=_stem(p), meta=meta)
     except InputError:
         raise
     except (OSError, EOFError, ValueError, zlib.error) as exc:  # truncated or damaged voxel data
@@ -337,10 +340,74 @@ def _looks_like_dicom(p: Path) -> bool:
         return False
 
 
+#: DICOM tags that place an image in patient space; without them ITK assumes 1 mm, the origin, axial.
+SPACING_TAGS = ("0028|0030", "0018|1164", "0018|2010")  # Pixel / Imager Pixel / Nominal Scanned Pixel Spacing
+POSITION_TAG, ORIENTATION_TAG = "0020|0032", "0020|0037"
+
+
+def dicom_geometry_warnings(where: str, has_tag, image, n_slices: int = 1) -> list[str]:
+    """Sentences for the geometry a DICOM image lacks, where ITK's defaults (1 mm, the origin, axial)
+    silently stand in for it.
+
+    ``where`` names the image (quoted); ``has_tag(key)`` tells whether its first file has a tag; ``image``
+    is what ITK made of it (an image, or a reader after ``ReadImageInformation``). A default counts only
+    when the tag is absent and the value read is the default: enhanced (multi-frame) files keep their
+    geometry in functional groups, which ITK reads."""
+    spacing = [float(v) for v in image.GetSpacing()]
+    origin = [float(v) for v in image.GetOrigin()]
+    dim = len(spacing)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)
+    warnings = []
+    if not any(has_tag(key) for key in SPACING_TAGS) and spacing[:2] == [1.0, 1.0]:
+        warnings.append(f"{where} has no Pixel Spacing tag, so its pixels are taken to be 1 mm; distances, "
+                        "volumes and models that expect real sizes will be wrong if they are not.")
+    lacking = []
+    if not has_tag(POSITION_TAG) and not any(origin):
+        lacking.append(("Image Position (Patient)", "placed at the origin"))
+    if not has_tag(ORIENTATION_TAG) and np.array_equal(direction, np.eye(dim)):
+        lacking.append(("Image Orientation (Patient)", "taken to be axial"))
+    if lacking:
+        missing = [name for name, _ in lacking]
+        assumed = " and ".join(text for _, text in lacking)
+        if not has_tag(POSITION_TAG) and n_slices > 1 and dim > 2 and spacing[2] == 1.0:
+            assumed += ", its slices 1 mm apart"
+        warnings.append(f"{where} has no {' or '.join(missing)}, so it is {assumed}; it may not line "
+                        "up with other images of the patient.")
+    return warnings
+
+
+def _warn(volume: Volume, sentences: list[str]) -> Volume:
+    """Add sentences to ``volume.meta["warnings"]`` (the CLI and the panel show them)."""
+    if sentences:
+        volume.meta.setdefault("warnings", []).extend(sentences)
+    return volume
+
+
 def _read_dicom_file(p: Path) -> Volume:
+    import SimpleITK as sitk
+
     volume = _read_with_sitk(p)
     volume.meta["dicom_files"] = [str(p)]
-    return volume
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    reader.ReadImageInformation()  # read once already: the header only
+    return _warn(volume, dicom_geometry_warnings(f"'{p}'", reader.HasMetaDataKey, reader))
+
+
+class _ItkWarningsOff:
+    """ITK's own WARNING text (GDCM's 'No Series were found') off while a DICOM folder is searched: our
+    sentence says what was wrong instead."""
+
+    def __enter__(self):
+        import SimpleITK as sitk
+
+        self.before = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
+    def __exit__(self, *exc):
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalWarningDisplay(self.before)
 
 
 def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
@@ -348,8 +415,11 @@ def list_dicom_series(folder: str | os.PathLike) -> list[dict]:
     import SimpleITK as sitk
 
     series = []
-    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    with _ItkWarningsOff():
+        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    for uid in uids:
+        with _ItkWarningsOff():
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
         desc = ""
         try:
             r = sitk.ImageFileReader()
@@ -369,7 +439,7 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     folder = Path(folder)
     series = list_dicom_series(folder)
     if not series:
-        raise InputError(f"'{folder}' holds no readable DICOM series.")
+        raise _no_series(folder)
     if series_uid is None:
         if len(series) > 1:
             listing = "; ".join(f"{s['uid']} ({s['files']} files{', ' + s['description'] if s['description'] else ''})"
@@ -379,7 +449,8 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     elif series_uid not in {s["uid"] for s in series}:
         raise InputError(f"'{folder}' has no DICOM series with UID {series_uid}; it has "
                          f"{', '.join(s['uid'] for s in series)}.")
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    with _ItkWarningsOff():
+        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -396,4 +467,32 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
     meta = {"source": str(folder), "file_space": "LPS", "dicom_files": files, **tags}
     volume = from_sitk(image, name=tags.get("series_description") or folder.name, meta=meta)
     validate(volume, str(folder))
-    return volume
+    where = f"The DICOM series in '{folder}' ('{Path(files[0]).name}' first)" if len(files) > 1 else f"'{files[0]}'"
+    return _warn(volume, dicom_geometry_warnings(where, lambda key: reader.HasMetaDataKey(0, key), image, len(files)))
+
+
+def _no_series(folder: Path) -> InputError:
+    """Why a folder gave no DICOM series, with what it holds instead."""
+    try:
+        entries = sorted(folder.iterdir(), key=lambda e: e.name)
+    except OSError as exc:
+        return InputError(f"'{folder}' holds no readable DICOM series: it cannot be listed ({exc.strerror}).")
+    files = [e for e in entries if e.is_file()]
+    folders = [e.name + "/" for e in entries if e.is_dir()]
+    dicom = [e.name for e in files if suffix_of(e) in DICOM_SUFFIXES or _looks_like_dicom(e)]
+
+    def some(names):
+        return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+    if not entries:
+        return InputError(f"'{folder}' holds no readable DICOM series: the folder is empty.",
+                          hint="Give the folder that holds the DICOM files, or an image file.")
+    if dicom:
+        return InputError(f"'{folder}' holds no readable DICOM series: its {len(dicom)} DICOM file(s) ({some(dicom)}) "
+                          "are not images ITK can stack into a series (a DICOMDIR, reports, or damaged files?).",
+                          hint="Give one of the files itself, or the folder of the image series.")
+    held = [f"{len(files)} other file(s): {some([e.name for e in files])}"] * bool(files) + \
+        [f"folder(s) {some(folders)}"] * bool(folders)
+    return InputError(f"'{folder}' holds no readable DICOM series: it has no DICOM files, only {' and '.join(held)}.",
+                      hint=("Give the subfolder that holds the DICOM files." if folders and not files else
+                            "Give one of those files as the input, or the folder of a DICOM series."))

@@ -130,7 +130,7 @@ def label_table_rows(segments: list[Segment]) -> list[dict]:
 def write_labelmap(path: Path, reference: Volume, segments: list[Segment], overwrite: bool = False) -> list[Path]:
     labels = labelmap_array(reference, segments)
     _, json_path, csv_path = outputs_for(path)
-    _check_table_owner(json_path, path)
+    check_table_owner(json_path, path)
     table = json.dumps({"labelmap": path.name, "labels": label_table_rows(segments)}, indent=2)
     image = reference.with_array(labels, name=reference.name)
     return atomic_write_all([(path, _volume_writer(path, image)),
@@ -138,15 +138,28 @@ def write_labelmap(path: Path, reference: Volume, segments: list[Segment], overw
                              (csv_path, lambda tmp: write_color_table_csv(tmp, segments))], overwrite)
 
 
-def _check_table_owner(json_path: Path, labelmap: Path) -> None:
-    """``a.nii.gz`` and ``a.nrrd`` would share ``a.labels.json``: never hand one's table to the other."""
+def check_table_owner(json_path: Path, labelmap: Path) -> None:
+    """``a.nii.gz`` and ``a.nrrd`` would share ``a.labels.json``: never hand one's table to the other.
+
+    The table names its labelmap (``"labelmap"``: the file name, beside it); a table whose labelmap is
+    gone, or an older one that names none, is an ordinary existing file (replaced with ``overwrite``)."""
     try:
         owner = json.loads(json_path.read_text()).get("labelmap")
     except (OSError, ValueError, AttributeError):
         return
-    if owner and owner != labelmap.name:
-        raise InputError(f"'{json_path}' is the label table of '{owner}', which '{labelmap.name}' would share.",
-                         hint="Give the labelmap another name (its label tables are named after it).")
+    if owner and owner != labelmap.name and (json_path.parent / str(owner)).exists():
+        raise InputError(f"'{json_path}' is the label table of '{owner}' (beside it), which "
+                         f"'{labelmap.name}' would share (label tables are named after the labelmap without "
+                         "its ending).", hint=f"Give the labelmap another name, e.g. '{_free_name(labelmap)}'.")
+
+
+def _free_name(labelmap: Path) -> str:
+    """``a_2.nrrd`` (or ``a_3.nrrd`` ...): a labelmap name whose files and label tables are all free."""
+    suffix, base = labelmap.name[-len(suffix_of(labelmap)):], _sidecar_base(labelmap)
+    n = 2
+    while any(p.exists() for p in outputs_for(base.with_name(f"{base.name}_{n}{suffix}"))):
+        n += 1
+    return f"{base.name}_{n}{suffix}"
 
 
 def _sidecar_base(path: Path) -> Path:

@@ -98,7 +98,8 @@ def weights_state(spec: dict, local_path: str | os.PathLike | None = None) -> di
         if found:
             return {"present": True, "paths": [str(p) for p in found], "detail": f"hub cache ({spec['repo']})"}
         size = spec.get("size_bytes")
-        gated = " (gated: accept the licence on the hub and log in)" if spec.get("gated") else ""
+        gated = (f" (gated: accept the licence on {model_page(spec['repo'])} and log in)" if spec.get("gated")
+                 else "")
         return {"present": False, "paths": [],
                 "detail": f"{', '.join(spec['files'])} from {spec['repo']}"
                           f"{f', {size / 1e9:.1f} GB' if size else ''}{gated}"}
@@ -193,6 +194,17 @@ def hub_content_sha256(path: Path) -> str | None:
     return None
 
 
+#: What a gated repository needs, said wherever its weights cannot be had.
+_GATED_HINT = ("Its weights go only to logged-in users who accepted its licence: accept the licence on the model "
+               "page while logged in there, then log in here with `hf auth login` (older huggingface_hub: "
+               "`huggingface-cli login`) or set HF_TOKEN to an access token{then}. Model page: {page}")
+
+
+def model_page(repo: str) -> str:
+    """The hub page of a model repository, where its licence is shown and accepted."""
+    return f"https://huggingface.co/{repo}"
+
+
 def _download(spec: dict, offline: bool, token: str | None) -> list[Path]:
     try:
         from huggingface_hub import hf_hub_download
@@ -208,18 +220,21 @@ def _download(spec: dict, offline: bool, token: str | None) -> list[Path]:
                                               local_files_only=offline)))
         except GatedRepoError:
             raise WeightsMissingError(
-                f"Access to {spec['repo']} was refused: the repository is gated.",
-                hint="Accept its licence on the model page while logged in, then log in here "
-                     "(`hf auth login` or set HF_TOKEN).") from None
+                f"Access to {spec['repo']} was refused: the repository is gated.", hint=_GATED_HINT.format(
+                    then="", page=model_page(spec["repo"]))) from None
         except RepositoryNotFoundError:
             raise WeightsMissingError(f"The hub repository {spec['repo']} was not found or needs a token.",
                                       hint="Log in (`hf auth login` or HF_TOKEN) or pass a local file.") from None
         except LocalEntryNotFoundError:
             where = "the hub cache" if offline else f"the hub ({spec['repo']}) or its cache"
+            gated = f"; {spec['repo']} is a gated repository" if spec.get("gated") else ""
+            hint = "Download them once while online, or pass a local file with --weights."
+            if spec.get("gated"):
+                hint = _GATED_HINT.format(then=", and download them once while online (or pass a local file with "
+                                               "--weights)", page=model_page(spec["repo"]))
             raise WeightsMissingError(
                 f"Weights {name} of {spec['repo']} are not in {where}"
-                f"{' and offline mode is on' if offline else ' (no connection?)'}.",
-                hint="Download them once while online, or pass a local file with --weights.") from None
+                f"{' and offline mode is on' if offline else ' (no connection?)'}{gated}.", hint=hint) from None
     return paths
 
 
