@@ -34,6 +34,7 @@ from biomedseg.errors import BiomedSegError  # noqa: E402
 from biomedseg.slicer_bridge import application as app  # noqa: E402
 from BiomedSegLib.correct import CorrectSection  # noqa: E402
 from BiomedSegLib.first_run import FirstRunInstalls  # noqa: E402
+from BiomedSegLib.prompt_checks import PromptCheckSection  # noqa: E402
 from BiomedSegLib.recognize import RecognizeSection  # noqa: E402
 
 POLL_INTERVAL_MS = 100
@@ -83,12 +84,13 @@ class BiomedSegParameterNode:
     weightsPath: str = ""
     show3D: bool = True
     showProbabilities: bool = False
+    freeText: bool = False
 
 
 # ---- Widget: a thin view ----
 
 class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRunInstalls, CorrectSection,
-                      RecognizeSection):
+                      RecognizeSection, PromptCheckSection):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -146,6 +148,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
 
         self.setupCorrectSection()
         self.setupRecognizeSection()  # BiomedCLIP: recognised line, prompt warning, Find slices, key slice
+        self.setupPromptChecks()  # each prompt checked live: typo, not trained for this modality, free text
         self.showMessage(None)
         self.ui.absentLabel.visible = False
         self.ui.progressBar.setValue(0)
@@ -301,15 +304,13 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
             item.setCheckState(qt.Qt.Checked if ticked else qt.Qt.Unchecked)
             self.ui.suggestionsListWidget.addItem(item)
 
-    def onModalityChanged(self, text):
+    def onModalityChanged(self, text, field="modality"):
         if not self._updating and self._parameterNode is not None and self.currentChoice() is not None:
-            self._parameterNode.modality = text
+            setattr(self._parameterNode, field, text)
             self.showModelView()
 
     def onSiteChanged(self, text):
-        if not self._updating and self._parameterNode is not None and self.currentChoice() is not None:
-            self._parameterNode.site = text
-            self.showModelView()
+        self.onModalityChanged(text, "site")
 
     def onSuggestionClicked(self, item):
         self.ui.promptsLineEdit.text = panel.toggle_prompt(self.ui.promptsLineEdit.text, item.text())
@@ -363,7 +364,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
             self._parameterNode.weightsPath = path
 
     # ---- run ----
-    def onSegment(self):
+    def onSegment(self, force=False):
         choice = self.currentChoice()
         p = self._parameterNode
         first = choice.action_before_run(p.weightsPath) if choice is not None else None
@@ -372,7 +373,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
             return self.runModelAction(first)
         self.showMessage(None)
         try:
-            self.logic.start(p)
+            self.logic.start(p, force=force)
         except BiomedSegError as exc:
             self.showMessage(panel.describe_error(exc))
             return
@@ -440,8 +441,8 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
     def onMessageAction(self):
         action = self._messageAction
         self.showMessage(None)
-        if action == "retry":
-            self.onSegment()
+        if action in ("retry", "use_anyway"):
+            self.onSegment(force=action == "use_anyway")
         elif action is not None:
             self.runModelAction(action)
 
@@ -467,7 +468,7 @@ class BiomedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, FirstRu
         busy = self.logic is not None and (self.logic.controller.running or self.logic.installs.busy)
         canRun = (p is not None and p.inputVolume is not None and choice is not None and choice.enabled
                   and (bool(panel.parse_prompts(self.ui.promptsLineEdit.text)) and choice.takes_text
-                       or p.promptMarkups is not None and choice.takes_markups))
+                       or p.promptMarkups is not None and choice.takes_markups) and self.promptsOk())
         self.ui.segmentButton.toolTip = ("Run the model on the input volume in the background." if canRun else
                                          "Choose an input volume, a model that can run here and at least one prompt.")
         states = panel.button_states(
@@ -549,10 +550,11 @@ class BiomedSegLogic(ScriptedLoadableModuleLogic):
     def panelState(p):
         return panel.state_from_parameters(p)
 
-    def start(self, p):
-        """Submit the panel's request to the worker; returns the job at once."""
-        markups = [p.promptMarkups] if p.promptMarkups is not None else None
-        return self.controller.start(self.panelState(p), p.inputVolume, p.outputSegmentation, p.roi, markups)
+    def start(self, p, force=False):
+        """Submit the panel's request to the worker (``force``: 'Use anyway' on another modality); returns at once."""
+        markups, state = [p.promptMarkups] if p.promptMarkups is not None else None, self.panelState(p)
+        state.force = force
+        return self.controller.start(state, p.inputVolume, p.outputSegmentation, p.roi, markups)
 
     def segment(self, volumeNode, state=None, segmentationNode=None, roiNode=None, timeout=None):
         """Run and wait, keeping Slicer responsive (scripts and the self-test; the panel uses its timer)."""

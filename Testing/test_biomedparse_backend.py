@@ -330,7 +330,8 @@ def test_slice_p_values_match_the_authors_and_reject_per_slice(backend, target_d
         out = state.apply(probs.clone(), images, prompts)
         kept = [bool(out[0, i].max() > 0) for i in range(3)]
         assert kept == ([True, True, False] if scope == "slice" else [True, True, True])  # 0.72, 0.35, 0.09
-        assert state.records["COVID-19 infection"] == {"checked": 1, "rejected": 1, "passed": 0}
+        record = state.records["COVID-19 infection"]
+        assert record == {"checked": 1, "rejected": 1, "passed": 0, "best_p": pytest.approx(pvals[(0, 2)])}
         assert state.absent_in_volume() == ([] if scope == "slice" else ["COVID-19 infection"])
     backend.configure_decoding()
 
@@ -351,6 +352,10 @@ def test_engine_reports_implausible_targets_absent_with_the_reason(backend, chec
                           options={"image_size": 128, "p_value_scope": scope})
         assert checked.absent == ["liver"] and [s.name for s in checked.segments] == ["kidney cyst"]
         assert "plausibility test rejected it on all" in checked.absent_reasons["liver"]
+        absence = checked.absent_details["liver"]  # the reason's kind and figure, for the report and the panel
+        assert absence.kind == "plausibility" and absence.cutoff == 0.05
+        assert absence.value == checked.report["p_values"]["liver"]["best_p"] < 0.05
+        assert f"best p-value {absence.value:.3g} against the cut-off 0.05" in absence.reason
         assert checked.report["p_values"]["liver"]["rejected"] > 0  # the backend's report reaches the caller
         report = backend.last_run["p_values"]
         assert report["liver"]["modality_type"] == "CT-Abdomen"

@@ -103,8 +103,9 @@ def test_prompt_types_a_model_does_not_declare_are_refused():
     box = BoxPrompt((0, 0, 0), (1, 1, 1), "axial", "tumour")
     with pytest.raises(InputError, match="does not take box prompts; it takes text"):
         check_prompts("biomedparse-v1", ["liver", box])
-    with pytest.raises(InputError, match="No prompt given.*Try: brain"):
-        check_prompts("deepbet", ["  ", ""])
+    with pytest.raises(InputError, match="No prompt given.*Try: .*aorta"):
+        check_prompts("biomedparse-v1", ["  ", ""])
+    assert check_prompts("deepbet", ["  ", ""]) == [TextPrompt("brain")]  # its one target needs no prompt
     with pytest.raises(InputError, match="mask prompt for 'x' is empty"):
         check_prompts("deepbet", [MaskPrompt(np.zeros((2, 2, 2), bool), "x")])
 

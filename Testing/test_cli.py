@@ -15,9 +15,36 @@ from biomedseg.cli import main
 @pytest.fixture(scope="module")
 def segmented(colin_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli")
-    rc = main(["segment", str(colin_path), "--prompt", "brain", "-o", str(out / "brain.seg.nrrd"),
-               "--preview", str(out / "brain.png"), "--device", "cpu", "-q"])
+    # no --prompt: deepbet's one target is the default
+    rc = main(["segment", str(colin_path), "-o", str(out / "brain.seg.nrrd"), "--preview", str(out / "brain.png"),
+               "--report", str(out / "run.json"), "--device", "cpu", "-q"])
     return rc, out
+
+
+def test_run_report_of_a_real_deepbet_run(segmented, colin_path):
+    """The README's run-report schema, from deepbet on Colin27: what was asked, decided, found, and with what."""
+    from biomedseg import __version__
+    from biomedseg.catalog import get_model
+
+    rc, out = segmented
+    report = json.loads((out / "run.json").read_text())
+    assert report["schema"] == "biomedseg.run-report/1" and report["engine"]["biomedseg"] == __version__
+    assert report["input"]["source"] == str(colin_path) and report["input"]["shape_kji"] == [181, 217, 181]
+    assert report["request"]["prompts"] == [{"type": "text", "text": "brain"}]
+    assert report["request"]["threshold"] == 0.5 and report["request"]["force"] is False
+    model = report["model"]
+    assert model["id"] == "deepbet" and model["licence"] == "MIT"
+    known = get_model("deepbet").weights["file_sha256"]
+    assert {w["file"]: w["sha256"] for w in model["weights"]} == known
+    assert report["decisions"]["modality"]["source"] == "intensities" and report["decisions"]["warnings"] == []
+    (brain,) = report["targets"]
+    mask = slicerio.extract_segments(slicerio.read_segmentation(str(out / "brain.seg.nrrd")), [("brain", 1)])
+    voxels = int((mask["voxels"] == 1).sum())
+    assert brain == {"name": "brain", "status": "found", "voxels": voxels, "volume_ml": round(voxels / 1000.0, 4),
+                     "label": 1, "terminology": brain["terminology"]}
+    assert brain["terminology"]["type"][1] == "12738006"
+    assert report["device"]["used"] == "cpu" and set(report["times_s"]) == {"read", "run", "write", "total"}
+    assert report["outputs"] == [str(out / "brain.seg.nrrd"), str(out / "brain.png")]
 
 
 def test_segment_writes_seg_nrrd_a_person_can_open(segmented, colin_bet_path):
@@ -48,7 +75,7 @@ def test_existing_output_is_not_replaced(segmented, colin_path, capsys):
 
 def test_bad_prompt_and_bad_output_fail_before_any_work(colin_path, tmp_path, capsys):
     assert main(["segment", str(colin_path), "--prompt", "liver", "-o", str(tmp_path / "x.seg.nrrd")]) == 2
-    assert "cannot segment 'liver'" in capsys.readouterr().err
+    assert "has no target 'liver'" in capsys.readouterr().err
     assert main(["segment", str(colin_path), "--prompt", "brain", "-o", str(tmp_path / "x.png")]) == 2
     assert "must end in one of" in capsys.readouterr().err
     assert main(["segment", str(tmp_path / "missing.nii.gz"), "--prompt", "brain", "-o",
@@ -68,7 +95,7 @@ def test_models_json_via_console_script():
 def test_models_table(capsys):
     assert main(["models"]) == 0
     text = capsys.readouterr().out
-    assert "deepbet" in text and "ready" in text and "prompts: brain" in text
+    assert "deepbet" in text and "ready" in text and "1 target(s): brain" in text
 
 
 def test_doctor_reports_torch_and_models(capsys):
@@ -101,14 +128,17 @@ def test_model_options_and_region_from_the_command_line():
 
     args = build_parser().parse_args(["segment", "in.nii.gz", "--prompt", "liver, left kidney", "-o", "o.seg.nrrd",
                                       "--modality", "CT", "--site", "abdomen", "--plane", "coronal",
-                                      "--slice-range", "9", "3", "--batch-size", "4",
+                                      "--slice-range", "3", "9", "--batch-size", "4",
                                       "--option", "joint=true", "--option", "engine=monai",
                                       "--box", "1", "2", "3", "4", "5", "6", "--point", "1", "1", "1",
                                       "--exclude-point", "2", "2", "2", "--target", "tumour"])
     assert model_options(args) == {"modality": "CT", "site": "abdomen", "batch_size": 4, "joint": True,
                                    "engine": "monai"}
-    # the slice range belongs to the engine (any model), counted along --plane; given backwards, it is sorted
+    # the slice range belongs to the engine (any model), counted along --plane; given backwards, it is refused
     assert region_of(args) == Region("coronal", (3, 9), None)
+    backwards = build_parser().parse_args(["segment", "x", "-o", "o.seg.nrrd", "--slice-range", "17", "15"])
+    with pytest.raises(Exception, match="Slice range 17..15 is reversed"):
+        region_of(backwards)
     assert prompts_of(args) == [TextPrompt("liver"), TextPrompt("left kidney"),
                                 BoxPrompt((1.0, 2.0, 3.0), (4.0, 5.0, 6.0), "coronal", "tumour"),
                                 PointPrompt((1.0, 1.0, 1.0), True, "coronal", "tumour"),
@@ -138,11 +168,11 @@ def test_undeclared_option_is_refused_before_any_weights_or_reading(model, colin
         assert main(["segment", str(colin_path), "--model", model, "--prompt", "liver", "-o",
                      str(tmp_path / "x.seg.nrrd"), "--option", "joint=maybe"]) == 2
         assert "Option 'joint' of model 'biomedparse-v1' must be true or false" in capsys.readouterr().err
-    # deepbet declares no modality: the flag is refused for it, not silently ignored
+    # --modality is the engine's for every model: saying a T1 image is CT is taken at its word and refused
     if model == "deepbet":
         assert main(["segment", str(colin_path), "--prompt", "brain", "--modality", "CT", "-o",
                      str(tmp_path / "x.seg.nrrd")]) == 2
-        assert "has no option 'modality'" in capsys.readouterr().err
+        assert "made for MRI-T1 images, but you said it is CT" in capsys.readouterr().err
 
 
 def test_empty_weights_and_oversized_prompts_are_refused_the_same_in_process_and_in_the_worker(colin_path, tmp_path,

@@ -58,9 +58,9 @@ def test_cancel_stops_and_returns_nothing(colin):
 
 
 def test_unknown_prompt_suggests(colin):
-    with pytest.raises(InputError, match="cannot segment 'brian'") as err:
+    with pytest.raises(InputError, match="has no target 'brian'. Did you mean 'brain'") as err:
         segment(colin, "deepbet", ["brian"], device="cpu")
-    assert "brain" in err.value.hint
+    assert "biomedseg models deepbet" in err.value.hint
 
 
 def test_constant_image_is_refused():

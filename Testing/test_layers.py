@@ -1,7 +1,8 @@
 """The layers hold: read from the source with ast, nothing imported.
 
 Bottom to top (a module may import its own group and groups of a lower rank only):
-  0 core     errors, volume, segments, geometry, prompts, results, imaging_guess
+  0 core     errors, volume, segments, geometry, prompts, results, imaging_guess, vocabulary,
+           modality_guard, decisions, run_report (what a request means, before any model)
   1 io       io/, preview                 (files)
   1 runtime  runtime/                     (device, memory, weights, slice-wise, sliding windows, clean-up)
   2 models   models/                      (the contract and one folder per model)
@@ -31,7 +32,7 @@ MAX_LINES = 600
 #: group -> (rank, module prefixes under biomedseg)
 LAYERS = {
     "core": (0, ["__init__", "errors", "volume", "segments", "geometry", "prompts", "results", "imaging_guess",
-                 "resources"]),
+                 "resources", "vocabulary", "modality_guard", "decisions", "run_report"]),
     "io": (1, ["io", "preview"]),
     "runtime": (1, ["runtime"]),
     "models": (2, ["models"]),

@@ -439,8 +439,8 @@ def test_biomedclip_widgets_sit_where_they_are_used(ui_classes, panel):
     for name, cls in RECOGNIZE_WIDGETS.items():
         assert ui_classes.get(name) == cls, (name, ui_classes.get(name))
     for layout, names in (("guessLayout", ["guessLabel", "recognizedLabel"]),
-                          ("promptsLineLayout", ["promptsLineEdit", "findSlicesButton"]),
-                          ("promptsLayout", ["promptWarningLabel"]),
+                          ("promptsLineLayout", ["promptsLineEdit", "freeTextCheckBox", "findSlicesButton"]),
+                          ("promptsLayout", ["promptCheckLabel", "promptWarningLabel"]),
                           ("correctSegmentLayout", ["correctSegmentComboBox", "suggestKeySliceButton"])):
         box = panel.findChild(QBoxLayout, layout)
         assert box is not None, layout

@@ -272,3 +272,25 @@ def test_dicom_seg_of_a_kidney_tumor_carries_the_finding_and_its_region(tmp_path
     assert (enhancing.CodingSchemeDesignator, enhancing.CodeValue) == ("NCIt", "C113842")
     assert items["enhancing tumor"].AnatomicRegionSequence[0].CodeValue == "12738006"
     assert items["lung opacity"].SegmentedPropertyTypeCodeSequence[0].CodeValue == "112001"
+
+
+def test_in_slicer_left_and_right_keep_their_own_colours():
+    """Slicer's lists give both sides of an organ one colour; the panel takes Slicer's codes but keeps the
+    catalogue's colour for a sided target, so the left and right lung stay apart in the views."""
+    from types import SimpleNamespace
+
+    from biomedseg.panel.controller import PanelController
+    from biomedseg.segments import prepare_segments
+
+    mask = np.zeros((2, 2, 2), bool)
+    mask[0, 0, 0] = True
+    segments = prepare_segments({"left lung": mask, "right lung": mask, "liver": mask}, mask.shape)
+    slicer_colour = (0.5, 0.5, 0.5)
+    controller = PanelController.__new__(PanelController)
+    controller.terminology_lookup = lambda name: ({"type": ["SCT", "1", name]}, slicer_colour)
+    shown = controller._segments_of(None, SimpleNamespace(segments=segments))
+    colours = {s.name: s.color for s in shown}
+    assert colours["left lung"] != colours["right lung"] and slicer_colour not in (colours["left lung"],
+                                                                                  colours["right lung"])
+    assert colours["liver"] == slicer_colour  # an unsided target takes Slicer's recommended colour
+    assert shown[0].terminology == {"type": ["SCT", "1", "left lung"]}

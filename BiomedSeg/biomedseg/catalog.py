@@ -13,7 +13,6 @@ package of its own, so its code can import its neighbours relatively.
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -351,11 +350,17 @@ def _check_value(model_id: str, name: str, spec: dict, value):
     return value
 
 
+#: Options every model takes: what the image is, for the modality guard and the target checks. They
+#: reach a backend only when its model.json declares them too.
+ENGINE_OPTIONS = ("modality", "site")
+
+
 def check_options(model_id: str, declared: dict, options: dict | None) -> dict:
     """The options with every declared name present (defaults filled in); InputError naming an
-    undeclared option and listing the declared ones, or a value of the wrong type."""
+    undeclared option and listing the declared ones, or a value of the wrong type. ``modality`` and
+    ``site`` are taken from every model (``ENGINE_OPTIONS``) and dropped for those that do not declare them."""
     options = dict(options or {})
-    unknown = sorted(set(options) - set(declared))
+    unknown = sorted(set(options) - set(declared) - set(ENGINE_OPTIONS))
     if unknown:
         names = ", ".join(repr(u) for u in unknown)
         raise InputError(f"Model '{model_id}' has no option {names}.",
@@ -373,9 +378,13 @@ MAX_PROMPTS = 1000
 MAX_PROMPT_CHARS = 1000
 
 
-def check_prompts(model_id: str, prompts) -> list:
+def check_prompts(model_id: str, prompts, free_text: bool = False) -> list:
     """Typed, cleaned prompts the model can take: text stripped and de-duplicated, prompt types
-    the model declares, and text checked against a fixed vocabulary (close matches suggested)."""
+    the model declares, and text checked against the model's targets (``vocabulary``): a name it
+    does not know is refused with the closest ones unless ``free_text``. A model with one target
+    (deepbet's brain) needs no prompt."""
+    from .vocabulary import check_texts
+
     entry = get_model(model_id)
     cleaned, seen = [], set()
     prompts = as_prompts(prompts)
@@ -400,18 +409,14 @@ def check_prompts(model_id: str, prompts) -> list:
         cleaned.append(p)
     if not cleaned and entry.data.get("prompts_optional"):
         return []  # the model has a use without prompts (BiomedCLIP recognises the image)
+    if not cleaned and "text" in entry.prompt_types and len(entry.targets()) == 1:
+        return [TextPrompt(entry.targets()[0])]  # its one target: nothing to choose
     if not cleaned:
         suggestions = ", ".join(entry.targets()[:8])
         raise InputError(f"No prompt given for model '{model_id}'.",
                          hint=f"Try: {suggestions}." if suggestions else None)
     texts = [p.text for p in cleaned if isinstance(p, TextPrompt)]
-    if texts and entry.data.get("prompt_check"):  # the model's own vocabulary check (synonyms, close matches)
-        entry.resolve(entry.data["prompt_check"])(texts)
-    elif texts and entry.prompt_kind == "fixed":
-        known = entry.targets()
-        for p in texts:
-            if p.lower() not in {k.lower() for k in known}:
-                close = difflib.get_close_matches(p.lower(), known, n=3, cutoff=0.5)
-                raise InputError(f"Model '{model_id}' cannot segment '{p}'; it knows only: {', '.join(known)}.",
-                                 hint=f"Did you mean {', '.join(close)}?" if close else None)
+    if texts:
+        spelled = iter(check_texts(entry, texts, free_text))
+        cleaned = [TextPrompt(next(spelled)) if isinstance(p, TextPrompt) else p for p in cleaned]
     return cleaned

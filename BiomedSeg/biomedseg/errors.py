@@ -27,6 +27,12 @@ class InputError(BiomedSegError, ValueError):
     kind = "bad_input"
 
 
+class ModalityMismatchError(InputError):
+    """The image is not what the model was trained on; ``--force`` (the panel's *Use anyway*) runs it regardless."""
+
+    kind = "wrong_modality"
+
+
 class WeightsMissingError(BiomedSegError):
     """Model weights are not on this machine and cannot be fetched now."""
 
@@ -58,7 +64,7 @@ class DependencyMissingError(BiomedSegError):
 
 
 ERROR_KINDS = {cls.kind: cls for cls in (
-    BiomedSegError, InputError, WeightsMissingError, OutOfMemoryError,
+    BiomedSegError, InputError, ModalityMismatchError, WeightsMissingError, OutOfMemoryError,
     CancelledError, WorkerCrashedError, WorkerMismatchError, DependencyMissingError)}
 
 

@@ -64,3 +64,24 @@ def guess_modality(volume: Volume, tags: dict | None = None) -> tuple[str, str]:
     if isinstance(code, str) and code.strip():
         why += f" (DICOM modality '{code.strip()}' names no imaging modality)"
     return name, why
+
+
+#: What people type for a modality (lower case, spaces and dashes dropped) -> the catalogue's name.
+MODALITY_WORDS = {
+    "ct": "CT", "cta": "CT", "pet": "PET", "pt": "PET", "mr": "MRI", "mri": "MRI",
+    "t1": "MRI-T1", "t1w": "MRI-T1", "mrit1": "MRI-T1", "mprage": "MRI-T1",
+    "t1gd": "MRI-T1-Gd", "t1ce": "MRI-T1-Gd", "t1c": "MRI-T1-Gd", "mrit1gd": "MRI-T1-Gd",
+    "t2": "MRI-T2", "t2w": "MRI-T2", "mrit2": "MRI-T2", "flair": "MRI-FLAIR", "mriflair": "MRI-FLAIR",
+    "adc": "MRI-ADC", "mriadc": "MRI-ADC", "cine": "MRI-cine", "mricine": "MRI-cine",
+    "xray": "X-Ray", "xr": "X-Ray", "cr": "X-Ray", "dx": "X-Ray", "radiograph": "X-Ray",
+    "us": "Ultrasound", "ultrasound": "Ultrasound", "echo": "Ultrasound",
+    "pathology": "Pathology", "histology": "Pathology", "histopathology": "Pathology", "sm": "Pathology",
+    "endoscope": "Endoscope", "endoscopy": "Endoscope", "fundus": "Fundus", "dermoscopy": "Dermoscopy",
+    "oct": "OCT",
+}
+
+
+def modality_from_words(text: str | None) -> str | None:
+    """'mr', 'T1', 'x-ray' -> the catalogue's name; None for words that name no modality we know."""
+    key = re.sub(r"[\s_\-]+", "", str(text or "").lower())
+    return MODALITY_WORDS.get(key)

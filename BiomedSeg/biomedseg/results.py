@@ -71,13 +71,40 @@ class Finding:
 
 
 @dataclass
+class Absence:
+    """Why a target was not written, with its figure: the highest probability against the threshold,
+    the best p-value against the plausibility cut-off, an existence score against its threshold."""
+
+    reason: str
+    #: 'threshold' (nothing above it), 'plausibility' (the authors' p-value test), 'existence' (the model's
+    #: own present/absent head), 'model' (anything else the backend decided)
+    kind: str = "model"
+    value: float | None = None
+    cutoff: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"reason": self.reason, "kind": self.kind, "value": jsonable(self.value), "cutoff": jsonable(self.cutoff)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Absence":
+        return cls(str(data.get("reason", "not found")), str(data.get("kind", "model")), data.get("value"),
+                   data.get("cutoff"))
+
+    @classmethod
+    def of(cls, value) -> "Absence":
+        """A backend may give a plain sentence; it is the model's own decision then."""
+        return value if isinstance(value, Absence) else cls(str(value))
+
+
+@dataclass
 class ModelOutput:
     """A backend's result on the grid of the volume it was given."""
 
     #: target -> float32 probabilities in 0..1, or a 0/1 mask, shaped like the input (k, j, i)
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)
-    #: target -> why the backend found nothing there (its own decision, e.g. a failed plausibility test)
-    absent: dict[str, str] = field(default_factory=dict)
+    #: target -> why the backend found nothing there (its own decision, e.g. a failed plausibility test):
+    #: an ``Absence`` with its figure, or a sentence
+    absent: dict[str, "Absence | str"] = field(default_factory=dict)
     labels: list[Label] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     #: what the backend decided and measured, JSON-able (shown to people and kept in run reports)
@@ -100,6 +127,11 @@ class SegmentationResult:
     labels: list[Label] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     report: dict = field(default_factory=dict)
+    #: target -> the ``Absence`` behind ``absent_reasons`` (kind, figure and cut-off)
+    absent_details: dict[str, Absence] = field(default_factory=dict)
+
+    def absence(self, target: str) -> Absence:
+        return self.absent_details.get(target) or Absence(self.absent_reasons.get(target, "not found"))
 
     def summary_dict(self) -> dict:
         """JSON-able description (no voxels): for `-o X.json`, logs and remote clients."""
@@ -109,6 +141,7 @@ class SegmentationResult:
                               "color": list(s.color) if s.color else None, "terminology": s.terminology}
                              for s in self.segments],
                 "absent": {name: self.absent_reasons.get(name, "not found") for name in self.absent},
+                "absent_details": {name: self.absence(name).to_dict() for name in self.absent},
                 "labels": [label.to_dict() for label in self.labels],
                 "findings": [finding.to_dict() for finding in self.findings],
                 "report": jsonable(self.report)}

@@ -17,7 +17,7 @@ from .doctor import cmd_doctor, doctor_report, worker_report
 from .prompt_args import prompts_file, prompts_of
 from .segment import cmd_classify, cmd_refine, cmd_segment, model_options, region_of
 
-EXIT_CODES = {"bad_input": 2, "weights_missing": 3, "dependency_missing": 3, "out_of_memory": 4, "cancelled": 5}
+EXIT_CODES = {"bad_input": 2, "wrong_modality": 2, "weights_missing": 3, "dependency_missing": 3, "out_of_memory": 4, "cancelled": 5}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"biomedseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("models", help="list the model catalogue and each model's state here")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("models", help="list the model catalogue, or show one model in full")
+    p.add_argument("model", nargs="?", help="a model id: its targets per modality and site, options, weights, licence")
+    p.add_argument("--json", action="store_true", help="machine-readable output (targets nested by modality and site)")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("segment", help="segment an image file or DICOM folder")
@@ -88,7 +89,11 @@ def _run_arguments(p) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="output: .seg.nrrd, .nii.gz, .nrrd labelmap, .dcm (DICOM SEG), or .json (labels, findings, "
                         "segment summary; for models that return no masks)")
-    p.add_argument("--preview", help="also write a PNG with outlines on three orthogonal slices")
+    p.add_argument("--preview", help="also write a PNG with outlines (three orthogonal slices; one for a 2D image)")
+    p.add_argument("--report", metavar="RUN.json", help="also write the run report: input, model, weights sha256, "
+                                                        "options, what was decided and found, times (see the README)")
+    p.add_argument("--probabilities", metavar="OUT.nrrd",
+                   help="also write each target's probability map on the input grid (with the threshold used)")
     p.add_argument("--series-uid", help="DICOM series to read when a folder holds several")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
@@ -113,7 +118,12 @@ def _run_arguments(p) -> None:
                    help="run the model in this process instead of the background worker (debugging)")
     p.add_argument("--worker-python", help="Python executable for the worker (default: this one, or "
                                            "$BIOMEDSEG_WORKER_PYTHON)")
+    p.add_argument("--free-text", action="store_true",
+                   help="send text prompts the model does not list as written (free-text models only)")
+    p.add_argument("--force", action="store_true",
+                   help="run even when the image is not one of the model's modalities (say why in your notes)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the written paths")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the model's plan, report and weights")
 
 
 GEOMETRY_FLAGS = ("--box", "--point", "--exclude-point")

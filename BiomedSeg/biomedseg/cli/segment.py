@@ -99,78 +99,101 @@ def cmd_classify(args) -> int:
     return 0
 
 
-def cmd_segment(args, refine=None) -> int:
-    from ..catalog import check_options, check_prompts, get_model
-    from ..io import read_volume, write_segmentation
-    from ..io.readers import suffix_of
+def _check_paths(args, entry, output: Path) -> list[Path]:
+    """Every path this run will write, checked before anything is read (a bad path costs nothing)."""
     from ..io.atomic import check_target
-    from ..io.writers import SEGMENTATION_SUFFIXES, outputs_for, write_result_json
+    from ..io.readers import suffix_of
+    from ..io.writers import SEGMENTATION_SUFFIXES, outputs_for
 
-    output = Path(args.output)
     if suffix_of(output) not in SEGMENTATION_SUFFIXES + (".json",):
         raise InputError(f"Output '{output}' must end in one of {', '.join(SEGMENTATION_SUFFIXES + ('.json',))}.")
-    if args.preview and suffix_of(args.preview) != ".png":
-        raise InputError(f"The preview '{args.preview}' must end in .png.")
+    for flag, value, suffix in (("--preview", args.preview, ".png"), ("--report", args.report, ".json"),
+                                ("--probabilities", args.probabilities, ".nrrd")):
+        if value and suffix_of(value) != suffix:
+            raise InputError(f"{flag} '{value}' must end in {suffix}.")
+    if "masks" not in entry.results and suffix_of(output) != ".json":
+        raise InputError(f"Model '{args.model}' returns {', '.join(entry.results)}, not masks.",
+                         hint="Write its result with -o NAME.json.")
+    if args.probabilities and "masks" not in entry.results:
+        raise InputError(f"Model '{args.model}' returns {', '.join(entry.results)}: it has no probabilities to write.")
+    others = [Path(p) for p in (args.preview, args.report, args.probabilities) if p]
+    paths = ([output] if suffix_of(output) == ".json" else outputs_for(output)) + others
+    for path in paths:
+        check_target(path, args.overwrite)
+    return others
+
+
+def _run(args, volume, prompts, bar, run_options):
+    if args.in_process:
+        from ..engine import segment
+
+        return segment(volume, args.model, prompts, progress=bar,
+                       keep_probabilities=bool(args.probabilities), **run_options)
+    from ..worker.client import WorkerClient
+
+    client = WorkerClient(python=args.worker_python)
+    try:
+        return client.run(volume, args.model, prompts, probabilities=bool(args.probabilities),
+                          on_progress=lambda job: bar(job.stage, job.done, job.total), **run_options)
+    finally:
+        client.close()
+
+
+def cmd_segment(args, refine=None) -> int:
+    """Check everything that can be checked (paths, prompts, options, the image's modality, the outputs'
+    needs) before a worker starts; run; print what was decided and found; write."""
+    from ..catalog import check_options, check_prompts, get_model
+    from ..decisions import decide
+    from ..io import read_volume, write_segmentation
+    from ..io.preflight import check_outputs
+    from ..io.readers import suffix_of
+    from ..io.writers import write_result_json
+    from ..run_report import build_report, report_lines
+
+    output = Path(args.output)
     if args.weights is not None and not args.weights.strip():  # "$W" with W unset: never the default instead
         raise InputError("--weights is empty.", hint="Give the checkpoint file or folder, or leave --weights out.")
     if not (0.0 < args.threshold < 1.0):  # NaN and infinities too
         raise InputError(f"Threshold {args.threshold} must lie strictly between 0 and 1.")
-    targets = [output] if suffix_of(output) == ".json" else outputs_for(output)
-    for target in targets + ([Path(args.preview)] if args.preview else []):
-        check_target(target, args.overwrite)  # before anything is read: a bad path costs nothing
-    prompts = check_prompts(args.model, prompts_of(args)) if refine is None else []
     entry = get_model(args.model)
+    others = _check_paths(args, entry, output)
+    prompts = check_prompts(args.model, prompts_of(args), args.free_text) if refine is None else []
     options = model_options(args)
     check_options(args.model, entry.options, options)  # undeclared options fail before anything is read
     region = region_of(args)
-    if "masks" not in entry.results and suffix_of(output) != ".json":
-        raise InputError(f"Model '{args.model}' returns {', '.join(entry.results)}, not masks.",
-                         hint="Write its result with -o NAME.json.")
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     started = time.perf_counter()
     volume = read_volume(args.input, series_uid=args.series_uid)
+    times = {"read": time.perf_counter() - started}
     log(f"read {volume}")
+    warnings = [str(w) for w in volume.meta.get("warnings", [])]
+    for warning in warnings:
+        log(f"warning: {warning}")
     beside, refined = [], None
     if refine is not None:
         prompts, beside, refined = refine(volume, log)
         prompts = check_prompts(args.model, prompts)
+    check_outputs(output, volume, overwrite=args.overwrite, others=others)
+    decisions = decide(entry, volume, prompts, options, force=args.force, free_text=args.free_text)
+    for warning in decisions["warnings"]:
+        log(f"warning: {warning}")
     bar = ProgressBar(enabled=not args.quiet)
-    run_options = dict(device=args.device, threshold=args.threshold, keep_largest=args.largest,
-                       fill_holes=args.fill_holes, weights=args.weights, options=options, region=region)
+    request = dict(device=args.device, threshold=args.threshold, keep_largest=args.largest,
+                   fill_holes=args.fill_holes, weights=args.weights, options=options, region=region,
+                   free_text=args.free_text, force=args.force)
+    ran = time.perf_counter()
     try:
-        if args.in_process:
-            from ..engine import segment
-
-            result = segment(volume, args.model, prompts, progress=bar, **run_options)
-        else:
-            from ..worker.client import WorkerClient
-
-            client = WorkerClient(python=args.worker_python)
-            try:
-                result = client.run(volume, args.model, prompts,
-                                    on_progress=lambda job: bar(job.stage, job.done, job.total), **run_options)
-            finally:
-                client.close()
+        result = _run(args, volume, prompts, bar, request)
     finally:
         bar.close()
-    log(f"{args.model} ran on {result.device_reason} in {result.seconds:.1f} s")
-    for name in result.absent:
-        log(f"not found: '{name}' ({result.absent_reasons.get(name, 'no voxel above the threshold')}); "
-            "no segment written for it")
+    times["run"] = time.perf_counter() - ran
     _report_extras(result, log)
     found = bool(result.segments or result.labels or result.findings)
+    writing = time.perf_counter()
+    written: list[Path] = []
     if suffix_of(output) == ".json":
         written = [write_result_json(output, result, args.overwrite)]  # with the reasons, even if nothing was found
-        if not found:
-            print(f"error: nothing was found for {', '.join(map(repr, result.absent))}; {output} says why.",
-                  file=sys.stderr)
-            print(output)
-            return 1
-    elif not result.segments:
-        print(f"error: nothing was found for {', '.join(map(repr, result.absent))}; no file written.",
-              file=sys.stderr)
-        return 1
-    else:
+    elif result.segments:
         if refined is not None:  # the refined segment keeps its name, colour and terminology
             result.segments = [type(seg)(refined.name, seg.mask, refined.color or seg.color,
                                          refined.terminology or seg.terminology) for seg in result.segments]
@@ -178,11 +201,41 @@ def cmd_segment(args, refine=None) -> int:
     if args.preview and result.segments:
         from ..preview import render_preview
 
+        plan = result.report.get("plan") or {}
         written.append(render_preview(args.preview, volume, result.segments, title=f"{volume.name} - {args.model}",
-                                      overwrite=args.overwrite))
-    for seg in result.segments:
-        log(f"segment '{seg.name}': {int(seg.mask.sum())} voxels")
+                                      overwrite=args.overwrite, window=plan.get("window"),
+                                      modality=decisions["modality"]["modality"]))
+    if args.probabilities and result.probabilities:
+        from ..io.probabilities import write_probabilities
+
+        written.append(write_probabilities(args.probabilities, volume, result.probabilities, args.threshold,
+                                           overwrite=args.overwrite, model_id=args.model))
+    times["write"] = time.perf_counter() - writing
+    times["total"] = time.perf_counter() - started
+    request_record = {k: v for k, v in request.items() if k != "region"}
+    request_record.update(region=region.to_dict(), input=str(args.input))
+    report = build_report(result, volume, entry=entry, prompts=prompts, request=request_record, times=times,
+                          outputs=written, warnings=warnings + decisions["warnings"])
+    if args.report:
+        written.append(_write_report(args.report, report, args.overwrite))
+    for line in report_lines(report, verbose=args.verbose):
+        log(line)
     for path in written:
         print(path)
-    log(f"done in {time.perf_counter() - started:.1f} s")
+    if not found:
+        said = f"; {output} says why" if suffix_of(output) == ".json" else "; no segmentation written"
+        print(f"error: nothing was found for {', '.join(map(repr, result.absent))}{said}.", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_report(path, report: dict, overwrite: bool) -> Path:
+    """The report with every weight file's sha256 (hashed here when the engine did not know it)."""
+    from ..io.atomic import atomic_write
+    from ..runtime.weights import file_sha256
+
+    for weight in report["model"]["weights"]:
+        if weight.get("sha256") is None and weight.get("path") and Path(weight["path"]).is_file():
+            weight["sha256"] = file_sha256(weight["path"])
+    text = json.dumps(report, indent=2) + "\n"
+    return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text), overwrite)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+from pathlib import Path
 from collections import OrderedDict
 
 from ..catalog import ModelEntry, get_model
@@ -88,7 +89,21 @@ def load_backend(model_id: str, device: str = "auto", weights: str | None = None
                                   hint="The file is damaged or not this model's; download it again or pass "
                                        "another one with --weights.") from None
     _WARM[warm_key(model_id, device, weights)] = backend
+    _WEIGHT_FILES[warm_key(model_id, device, weights)] = (list(paths), dict(entry.weights))
     return backend, reason
+
+
+#: warm key -> (weight files, the catalogue's weights entry): what a run report names and hashes.
+_WEIGHT_FILES: dict = {}
+
+
+def weights_used(model_id: str, device: str, weights: str | None) -> list[dict]:
+    """[{file, path, sha256}] of the weights the warm backend was loaded from (for run reports); sha256 is
+    None where it would have to be hashed now (the front end that writes a report hashes it)."""
+    from ..runtime.weights import file_sha256
+
+    paths, spec = _WEIGHT_FILES.get(warm_key(model_id, device, weights), ([], {}))
+    return [{"file": Path(p).name, "path": str(p), "sha256": file_sha256(p, spec, compute=False)} for p in paths]
 
 
 def _evict_oldest() -> None:

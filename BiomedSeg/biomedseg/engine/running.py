@@ -22,13 +22,14 @@ from ..catalog import check_options, check_prompts, get_model
 from ..errors import BiomedSegError, CancelledError, InputError, OutOfMemoryError
 from ..geometry import Region, crop_volume, region_box, uncrop
 from ..prompts import crop_prompts, to_grid
-from ..results import ModelOutput, SegmentationResult
+from ..results import Absence, ModelOutput, SegmentationResult
 from ..runtime.cancel import interruptible
 from ..runtime.device import device_kind, is_out_of_memory, release_memory, resolve_device
 from ..runtime.postprocess import postprocess
 from ..segments import Segment, prepare_segments
 from ..volume import Volume
 from . import loading
+from ..decisions import decide
 
 #: Smallest edge a 3D model's input may have.
 MIN_3D_EDGE = 8
@@ -45,13 +46,15 @@ def _never() -> bool:
 def segment(volume: Volume | None, model_id: str, prompts, *, device: str = "auto", threshold: float = 0.5,
             keep_largest: bool | None = None, fill_holes: bool | None = None, weights: str | None = None,
             progress=None, cancelled=None, keep_probabilities: bool = False, options: dict | None = None,
-            region: Region | None = None, session: str | None = None) -> SegmentationResult:
+            region: Region | None = None, session: str | None = None, free_text: bool = False,
+            force: bool = False) -> SegmentationResult:
     """Segment ``volume`` with ``model_id`` for each prompt; masks are on the input grid.
 
     ``session`` names an interactive session: with a volume it (re)opens it (the old one is closed
     first, so a failed re-open never leaves the previous image behind), without one it runs the
     new prompts on the session's image, in the session's region unless ``region`` names another
-    (see ``engine.sessions``).
+    (see ``engine.sessions``). ``free_text`` sends text prompts the model does not list; ``force``
+    runs a model on an image its modalities exclude (``decisions``).
     """
     from .sessions import SESSIONS
 
@@ -60,7 +63,8 @@ def segment(volume: Volume | None, model_id: str, prompts, *, device: str = "aut
     if not 0.0 < float(threshold) < 1.0:  # NaN fails this too
         raise InputError(f"Threshold {threshold} must lie strictly between 0 and 1.")
     entry = get_model(model_id)
-    prompts = check_prompts(model_id, prompts)
+    prompts = check_prompts(model_id, prompts, free_text)
+    stated = dict(options or {})
     options = check_options(model_id, entry.options, options)
     loading.check_runnable(entry)
     resolved, reason = resolve_device(device)
@@ -71,6 +75,7 @@ def segment(volume: Volume | None, model_id: str, prompts, *, device: str = "aut
         volume, region = stored.volume, region if region is not None else stored.region
     elif session is not None:
         SESSIONS.close(session)
+    decisions = decide(entry, volume, prompts, stated, force=force, free_text=free_text)
     region = region or Region()
     box = region_box(volume, region)
     work = crop_volume(volume, box) if box is not None else volume
@@ -98,9 +103,10 @@ def segment(volume: Volume | None, model_id: str, prompts, *, device: str = "aut
     result = to_result(output, entry, volume, box, grid.targets, threshold, keep_largest, fill_holes,
                        keep_probabilities)
     result.device, result.device_reason, result.model_id = backend.device, reason, model_id
-    result.report.update({"model": model_id, "plan": plan.report, "region": box.to_list() if box else None,
+    result.report.update({"model": model_id, "decisions": decisions, "plan": plan.report, "region": box.to_list() if box else None,
                           "batch_size": {"planned": planned, "ran": plan.batch_size, "units": plan.units},
-                          "memory_retries": retries})
+                          "memory_retries": retries,
+                          "weights": loading.weights_used(model_id, backend.device, weights)})
     result.seconds = time.perf_counter() - start
     return result
 
@@ -182,23 +188,33 @@ def to_result(output: ModelOutput, entry, volume: Volume, box, targets: list[str
     defaults = entry.postprocess_defaults
     largest = defaults["keep_largest"] if keep_largest is None else keep_largest
     fill = defaults["fill_holes"] if fill_holes is None else fill_holes
-    segments, absent, reasons, probabilities = [], [], {}, {}
+    segments, absent, details, probabilities = [], [], {}, {}
     for target in targets:
         prob = output.probabilities.get(target)
         if prob is None:
             if target in output.absent or "masks" in entry.results:
                 absent.append(target)
-                reasons[target] = output.absent.get(target, "the model returned nothing for it")
+                details[target] = Absence.of(output.absent.get(target, "the model returned nothing for it"))
             continue
-        mask = postprocess(np.asarray(prob), threshold, keep_largest=largest, fill=fill)
+        prob = np.asarray(prob)
+        mask = postprocess(prob, threshold, keep_largest=largest, fill=fill)
         if keep_probabilities:
             probabilities[target] = uncrop(np.asarray(prob, np.float32), box, volume.shape)
         if mask.any():
             segments.append(Segment(target, uncrop(mask, box, volume.shape)))
         else:
             absent.append(target)
-            reasons[target] = output.absent.get(target, f"no voxel above the threshold {threshold:g}")
+            details[target] = Absence.of(output.absent[target]) if target in output.absent else \
+                _below_threshold(prob, threshold)
     if segments:  # names -> colours and terminology, once, for every consumer
         segments = prepare_segments(segments, volume.shape)
-    return SegmentationResult(segments, absent, entry.id, "", "", 0.0, probabilities, reasons,
-                              list(output.labels), list(output.findings), dict(output.report))
+    return SegmentationResult(segments, absent, entry.id, "", "", 0.0, probabilities,
+                              {t: d.reason for t, d in details.items()}, list(output.labels),
+                              list(output.findings), dict(output.report), details)
+
+
+def _below_threshold(prob: np.ndarray, threshold: float) -> Absence:
+    highest = float(prob.max()) if prob.size else 0.0
+    above = "a voxel at or above it was removed by post-processing" if highest > threshold else \
+        f"the highest probability is {highest:.3g}"
+    return Absence(f"no voxel above the threshold {threshold:g} ({above})", "threshold", highest, float(threshold))

@@ -9,15 +9,15 @@ calls too, so the rule lives here once).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import DependencyMissingError, InputError
+from ..errors import InputError
 from ..volume import Volume
 from .atomic import check_target
 from .readers import suffix_of
+from .dicom_seg import check_dicom_seg_reference
 from .writers import SEGMENTATION_SUFFIXES, check_table_owner, outputs_for
 
 #: What ``-o`` may name: a segmentation format, or ``.json`` for the result without voxels.
@@ -96,43 +96,6 @@ def _refuse_input_files(targets: list[Path], volume: Volume) -> None:
                 what = "one of the input's DICOM files" if len(inputs) > 1 else "the input image"
                 raise InputError(f"'{path}' is {what} ('{source}'); writing it would destroy the image "
                                  "the result is drawn on.", hint="Write the result to another file.")
-
-
-def check_dicom_seg_reference(volume: Volume) -> list[str]:
-    """Refuse a reference a DICOM SEG cannot point to, before anything runs; returns its DICOM files.
-
-    Cheap: one header (no pixels) is read. The checks that need every file's header (rows and
-    columns, the first slice's place) stay with the writer."""
-    files = volume.meta.get("dicom_files")
-    if not files:
-        raise InputError(f"DICOM SEG needs a DICOM reference: '{volume.name or 'the reference image'}' was not "
-                         "read from a DICOM series, so the segmentation has no images to point to.",
-                         hint="Write .seg.nrrd (or .nii.gz) instead.")
-    missing = [name for name in ("highdicom", "pydicom") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise DependencyMissingError(f"Writing DICOM SEG needs pydicom and highdicom ({', '.join(missing)} "
-                                     "not installed).", hint="Install them with: pip install 'biomedseg[dicom]'.")
-    import pydicom
-
-    try:
-        first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
-        raise InputError(f"'{files[0]}' of the reference series cannot be read any more ({exc}).",
-                         hint="Read the series again, or write .seg.nrrd.") from None
-    n_slices = volume.shape[0]
-    frames = int(first.get("NumberOfFrames", 1) or 1)
-    if frames > 1 or (len(files) == 1 and n_slices > 1):
-        raise InputError(f"'{files[0]}' is a multi-frame (enhanced) DICOM image holding all {max(frames, n_slices)} "
-                         "frames in one file; DICOM SEG output supports series of single-frame files only.",
-                         hint="Write .seg.nrrd instead.")
-    if len(files) != n_slices:
-        raise InputError(f"The reference has {n_slices} slices but lists {len(files)} DICOM files; it was "
-                         "changed after reading, so the DICOM SEG frames cannot be tied to the images.",
-                         hint="Segment the volume as read from DICOM, or write .seg.nrrd.")
-    if not str(first.get("FrameOfReferenceUID", "") or "").strip():
-        raise InputError(f"'{files[0]}' has no Frame of Reference UID, which a DICOM SEG needs to share the "
-                         "images' patient coordinates.", hint="Write .seg.nrrd instead.")
-    return list(files)
 
 
 __all__ = ["check_outputs", "check_dicom_seg_reference", "OUTPUT_SUFFIXES", "OTHER_SUFFIXES"]

@@ -10,7 +10,9 @@ wrong lives in this package, one module per job, and is tested against real MRML
 - ``models``: the model list with each model's state in the worker's Python;
 - ``guessing``: modality and site from DICOM tags and intensities, in the model's words, and
   the catalogue's prompt suggestions for them;
-- ``request``: the worker request built and checked from the panel state (prompts, region, options);
+- ``request``: the worker request built and checked from the panel state (prompts, region, options, the
+  modality guard);
+- ``prompt_feedback``: each typed prompt checked live by the CLI's rules (typo, not trained here, free text);
 - ``messages``: progress with the time left, errors as a sentence with what to do, buttons;
 - ``controller``: submit, poll, apply with undo (add or overwrite), cancel, export;
 - ``recognition``: BiomedCLIP in the background: the image recognised (modality, site, view) into the
@@ -37,6 +39,7 @@ from .messages import (ACTION_LABELS, PanelMessage, Progress, RunOutcome, button
                        describe_progress, device_label, format_seconds, time_left)
 from .models import ModelChoice, device_supported, model_choices, model_states
 from .recognition import ClipOutcome, Recognition, RecognitionController, RecognizedGuess, merge_guess, slice_centre
+from .prompt_feedback import PromptNote, can_segment, notes_line, prompt_notes
 from .request import Request, build_request, geometric_prompts
 from .state import (DEVICES, EXPORT_FORMATS, POSTPROCESS, SLICE_AXES, WRITE_MODES, PanelState, chosen_prompts,
                     join_prompts, parse_prompts, state_from_parameters, toggle_prompt)
@@ -52,7 +55,7 @@ __all__ = [
     "Guess", "guess_modality_site", "read_dicom_tags", "modalities_for", "sites_for", "match_modality", "match_site",
     "state_for_guess", "suggestions", "ModelView", "model_view",
     # request
-    "Request", "build_request", "geometric_prompts",
+    "Request", "build_request", "geometric_prompts", "PromptNote", "prompt_notes", "notes_line", "can_segment",
     # messages
     "Progress", "PanelMessage", "RunOutcome", "button_states", "describe_progress", "describe_error",
     "format_seconds", "time_left", "device_label", "ACTION_LABELS",

@@ -232,8 +232,9 @@ class PanelController:
                     found = self.terminology_lookup(seg.name)
                 except Exception:  # Slicer's lookup is a convenience, never a reason to lose a result
                     found = None
-                if found:
-                    terminology, color = found
+                if found:  # Slicer's codes; a sided target keeps the catalogue's colour (Slicer's sides share one)
+                    terminology = found[0]
+                    color = color if (seg.terminology or {}).get("typeModifier") else found[1]
             out.append(Segment(seg.name, seg.mask, color, terminology))
         return out
 

@@ -14,7 +14,8 @@ from ..errors import BiomedSegError
 UNDER_A_SECOND = "under 1 s"
 #: Button text for each action the panel can take for the person (model list and message line).
 ACTION_LABELS = {"install_dependencies": "Install…", "install_engine": "Install…",
-                 "download_weights": "Download…", "choose_weights": "Choose file…", "retry": "Try again"}
+                 "download_weights": "Download…", "choose_weights": "Choose file…", "retry": "Try again",
+                 "use_anyway": "Use anyway"}
 
 
 @dataclass
@@ -82,7 +83,7 @@ def describe_error(error: BaseException) -> PanelMessage:
         if error.hint:
             text += " " + error.hint.strip()
         action = {"dependency_missing": "install_dependencies", "weights_missing": "choose_weights",
-                  "worker_crashed": "retry", "out_of_memory": None}.get(error.kind)
+                  "worker_crashed": "retry", "out_of_memory": None, "wrong_modality": "use_anyway"}.get(error.kind)
         if error.kind == "out_of_memory":
             text += (" Try a smaller region (slice range or ROI), a smaller batch, or the CPU "
                      "(Advanced → Device: cpu).")

@@ -31,6 +31,8 @@ class ModelChoice:
     #: what the model takes (text, box, point, mask) and returns (masks, labels, text)
     prompt_types: tuple = ("text",)
     results: tuple = ("masks",)
+    #: the model can take text it does not list (its Free text box is offered)
+    free_text: bool = False
 
     @property
     def takes_text(self) -> bool:
@@ -122,7 +124,8 @@ def model_choices(device: str = "auto", states: dict[str, dict] | None = None) -
         out.append(ModelChoice(entry.id, entry.data.get("title", entry.id), state, detail, ready, enabled,
                                entry.data.get("input", "3d"), str(weights.get("license", "unknown")),
                                weights.get("size_bytes"), bool(weights.get("gated")), tuple(entry.prompt_types),
-                               tuple(entry.results)))
+                               tuple(entry.results), entry.prompt_kind == "text"
+                               and not entry.data.get("prompts_free_text")))
     return out
 
 

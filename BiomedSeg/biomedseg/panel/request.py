@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..catalog import check_options, check_prompts, get_model
+from ..decisions import decide
 from ..errors import InputError
 from ..geometry import Region, make_region, region_box
 from ..prompts import TextPrompt
@@ -29,6 +30,8 @@ class Request:
     prompts: list
     region: Region
     kwargs: dict = field(default_factory=dict)
+    #: what the engine will warn about (a target not trained for this modality, a forced run)
+    warnings: list[str] = field(default_factory=list)
 
 
 def geometric_prompts(state: PanelState, volume: Volume, prompt_nodes, entry) -> list:
@@ -60,7 +63,7 @@ def build_request(state: PanelState, volume: Volume, roi_bounds: tuple | None = 
         raise InputError(f"Model '{state.model}' does not run on '{state.device}'; it runs on "
                          f"{', '.join(entry.data.get('devices', []))}.", hint="Set the device to auto.")
     typed = [TextPrompt(p) for p in parse_prompts(state.prompts)] + list(prompts or [])
-    prompts = check_prompts(state.model, typed + geometric_prompts(state, volume, prompt_nodes, entry))
+    prompts = check_prompts(state.model, typed + geometric_prompts(state, volume, prompt_nodes, entry), state.free_text)
     if state.postprocess not in POSTPROCESS:
         raise InputError(f"Unknown post-processing '{state.postprocess}'; use one of {', '.join(POSTPROCESS)}.")
     if state.slice_axis not in SLICE_AXES:
@@ -74,10 +77,14 @@ def build_request(state: PanelState, volume: Volume, roi_bounds: tuple | None = 
                if value and name in entry.options}
     options.update(state.options)
     check_options(state.model, entry.options, options)
+    # the engine's own guard, here so a refusal (with 'Use anyway') comes before anything is sent; the
+    # modality list's choice counts as said only for models that take it (deepbet's one entry says nothing)
+    decisions = decide(entry, volume, prompts, options, force=state.force, free_text=state.free_text)
     kwargs = {"device": state.device, "threshold": float(state.threshold), "keep_largest": keep_largest,
-              "fill_holes": fill_holes, "weights": state.weights or None, "options": options, "region": region}
+              "fill_holes": fill_holes, "weights": state.weights or None, "options": options, "region": region,
+              "free_text": bool(state.free_text), "force": bool(state.force)}
     kwargs["probabilities"] = bool(state.show_probabilities) and "masks" in entry.results  # the soft maps to show
-    return Request(volume, state.model, prompts, region, kwargs)
+    return Request(volume, state.model, prompts, region, kwargs, list(decisions["warnings"]))
 
 
 __all__ = ["Request", "build_request", "geometric_prompts"]

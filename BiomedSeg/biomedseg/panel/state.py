@@ -79,6 +79,10 @@ class PanelState:
     show_3d: bool = True
     #: Ask the worker for each target's soft map and show it over the image ("<target> probability").
     show_probabilities: bool = False
+    #: Send text prompts the model does not list as written (its 'Free text' box; free-text models only).
+    free_text: bool = False
+    #: Run even though the image is not one of the model's modalities ('Use anyway', for one run).
+    force: bool = False
     #: Where ``modality`` and ``site`` came from when the panel guessed them ("BiomedCLIP: CT 62%, chest 48%",
     #: "DICOM tags: CT; BiomedCLIP: chest 48%"); '' when the person chose them or nothing was recognised.
     guess_source: str = ""
@@ -93,7 +97,7 @@ def state_from_parameters(p) -> PanelState:
         slice_axis=p.sliceAxis, slice_range=(p.sliceFirst, p.sliceLast) if p.useSliceRange else None,
         threshold=p.threshold, postprocess=p.postprocess, write_mode=p.writeMode, device=p.device,
         worker_python=p.workerPython, weights=p.weightsPath, show_3d=p.show3D,
-        show_probabilities=p.showProbabilities)
+        show_probabilities=p.showProbabilities, free_text=getattr(p, "freeText", False))
 
 
 __all__ = ["SLICE_AXES", "DEVICES", "POSTPROCESS", "WRITE_MODES", "EXPORT_FORMATS", "parse_prompts", "join_prompts",

@@ -268,3 +268,32 @@ def verify_sha256(path: Path, expected: str) -> None:
         record_file.write_text(json.dumps(record, indent=1))
     except OSError:
         pass  # an unwritable cache only costs a re-hash next time
+
+
+def file_sha256(path: str | os.PathLike, spec: dict | None = None, compute: bool = True) -> str | None:
+    """A weight file's sha256 for run reports: the catalogue's or the hub cache's when they name it, else
+    one remembered per (path, size, mtime) beside the verified checksums, else (``compute``) hashed now."""
+    path = Path(path)
+    spec = spec or {}
+    known = (spec.get("file_sha256") or {}).get(path.name) or hub_content_sha256(path)
+    if known is None and spec.get("sha256") and len(spec.get("files", [])) == 1:
+        known = spec["sha256"]  # verified when the file was resolved
+    if known is not None:
+        return known
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    record_file = cache_dir() / "verified.json"
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError):
+        record = {}
+    if key not in record and not compute:
+        return None
+    if key not in record:
+        record[key] = sha256_of(path)
+        try:
+            record_file.parent.mkdir(parents=True, exist_ok=True)
+            record_file.write_text(json.dumps(record, indent=1))
+        except OSError:
+            pass
+    return record[key]

@@ -209,8 +209,8 @@ class WorkerClient:
     def submit(self, volume: Volume | None, model: str, prompts, *, device: str = "auto",
                threshold: float | None = None, keep_largest: bool | None = None, fill_holes: bool | None = None,
                weights: str | None = None, options: dict | None = None, probabilities: bool = False,
-               region: Region | None = None, session: str | None = None,
-               on_progress: Callable | None = None, on_done: Callable | None = None) -> Job:
+               region: Region | None = None, session: str | None = None, free_text: bool = False,
+               force: bool = False, on_progress: Callable | None = None, on_done: Callable | None = None) -> Job:
         """Queue a job; returns at once. Volume data (and mask prompts) are copied once into shared memory.
 
         ``prompts``: text, or typed prompts (``biomedseg.prompts``). ``session``: with a volume it
@@ -218,7 +218,7 @@ class WorkerClient:
         """
         from ..catalog import check_prompts, get_model
 
-        prompts = check_prompts(model, prompts)
+        prompts = check_prompts(model, prompts, free_text)
         if volume is None and session not in self.sessions:
             raise InputError("No image was given." if session is None else
                              f"Session '{session}' is not open here.", hint="Send the image to open it.")
@@ -232,7 +232,8 @@ class WorkerClient:
             message = {"op": "segment", "id": job.id, "model": model, "prompts": [],
                        "device": device, "threshold": threshold, "keep_largest": keep_largest,
                        "fill_holes": fill_holes, "weights": weights, "options": options or {},
-                       "region": region.to_dict() if region is not None else None, "session": session}
+                       "region": region.to_dict() if region is not None else None, "session": session,
+                       "free_text": bool(free_text), "force": bool(force)}
             for p in prompts:
                 entry = prompt_to_dict(p)
                 if isinstance(p, MaskPrompt):

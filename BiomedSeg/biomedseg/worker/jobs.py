@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import BiomedSegError
-from ..results import Finding, Label, SegmentationResult
+from ..results import Absence, Finding, Label, SegmentationResult
 from ..segments import Segment
 from ..volume import Volume
 
@@ -64,4 +64,5 @@ def collect_result(job: Job, msg: dict) -> SegmentationResult:
                               dict(msg.get("absent_reasons") or {}),
                               [Label.from_dict(x) for x in msg.get("labels") or []],
                               [Finding.from_dict(x) for x in msg.get("findings") or []],
-                              dict(msg.get("report") or {}))
+                              dict(msg.get("report") or {}),
+                              {t: Absence.from_dict(d) for t, d in (msg.get("absent_details") or {}).items()})

@@ -82,7 +82,8 @@ SCHEMAS = {
                    device=MAYBE["str"], threshold=MAYBE["number"], keep_largest=MAYBE["bool"],
                    fill_holes=MAYBE["bool"], weights=MAYBE["str"],
                    options={"type": ["object", "null"], "maxProperties": 64, "additionalProperties": OPTION},
-                   region=REGION, session={"type": ["string", "null"], "maxLength": 128}),
+                   region=REGION, session={"type": ["string", "null"], "maxLength": 128},
+                   free_text=MAYBE["bool"], force=MAYBE["bool"]),
 }
 OPS = tuple(SCHEMAS)
 

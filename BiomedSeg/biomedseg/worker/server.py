@@ -225,6 +225,7 @@ class WorkerServer:
                 "segments": [{"name": s.name, "index": targets.index(s.name), "color": list(s.color),
                               "terminology": s.terminology, "label": s.label} for s in result.segments],
                 "absent": result.absent, "absent_reasons": result.absent_reasons,
+                "absent_details": {t: d.to_dict() for t, d in result.absent_details.items()},
                 "labels": [label.to_dict() for label in result.labels],
                 "findings": [finding.to_dict() for finding in result.findings], "report": result.report,
                 "probability_targets": [t for t in targets if t in result.probabilities],
@@ -332,7 +333,7 @@ class WorkerServer:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise protocol.ProtocolError(f"malformed segment request ({exc})") from None
-        prompts = check_prompts(str(message["model"]), prompts)
+        prompts = check_prompts(str(message["model"]), prompts, bool(message.get("free_text")))
         targets = targets_of(prompts)
         if volume is not None:
             shape = tuple(volume.shape)
@@ -362,8 +363,8 @@ class WorkerServer:
         from ..engine import segment
         from ..geometry import Region
 
-        kwargs = {k: message[k] for k in ("device", "threshold", "keep_largest", "fill_holes", "weights")
-                  if message.get(k) is not None}
+        kwargs = {k: message[k] for k in ("device", "threshold", "keep_largest", "fill_holes", "weights",
+                                          "free_text", "force") if message.get(k) is not None}
         region = message.get("region")
         return segment(volume, message["model"], prompts, progress=progress, cancelled=cancelled,
                        keep_probabilities=message.get("probabilities") is not None,

@@ -68,7 +68,7 @@ from biomedseg.errors import CancelledError, InputError, WeightsMissingError
 from biomedseg.imaging_guess import guess_modality
 from biomedseg.models.base import Backend, LoadContext, Plan
 from biomedseg.prompts import PromptSet
-from biomedseg.results import ModelOutput
+from biomedseg.results import Absence, ModelOutput
 from biomedseg.runtime.device import device_kind
 from biomedseg.runtime.slicewise import FeatureCache, run_slicewise
 from biomedseg.runtime.weights import offline_mode, resolve_weights
@@ -79,6 +79,9 @@ from .preprocess import CT_WINDOWS, MODEL_SIZE, prepare_exact, prepare_torch, re
 from .recognition import SliceChecks, p_value_report, recognition_prompts
 from .sizing import auto_batch_size, cache_bytes, cache_placement, feature_bytes, to_cpu_half  # noqa: F401
 from .tokenizer import load_tokenizer
+
+#: The authors' mask threshold (127.5 of 255): a target with nothing above it after the test has no mask.
+MASK_THRESHOLD = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -353,9 +356,20 @@ class BiomedParseBackend(Backend):
         for prompt in self._checks.absent_in_volume():
             probs[prompt][...] = 0
         for prompt, record in records.items():
-            if prompt in prompts.texts and record["checked"] and not record["passed"]:
-                absent[prompt] = (f"the authors' plausibility test rejected it on all {record['checked']} slice(s) "
-                                  f"where the model drew it (p < {settings.p_value:g})")
+            if prompt not in prompts.texts or not record["checked"]:
+                continue
+            best = record.get("best_p")
+            figure = f"best p-value {best:.3g} against the cut-off {settings.p_value:g}" if best is not None else \
+                f"p < {settings.p_value:g}"
+            if not record["passed"]:
+                absent[prompt] = Absence(f"the authors' plausibility test rejected it on all {record['checked']} "
+                                         f"slice(s) where the model drew it ({figure})", "plausibility", best,
+                                         settings.p_value)
+            elif record["rejected"] and float(probs[prompt].max()) <= MASK_THRESHOLD:
+                absent[prompt] = Absence(f"the authors' plausibility test rejected it on {record['rejected']} of "
+                                         f"{record['checked']} slice(s) and nothing above {MASK_THRESHOLD:g} was left "
+                                         f"({figure}; --option p_value=0 turns the test off)", "plausibility", best,
+                                         settings.p_value)
         report = {"batch_size": plan.batch_size, "joint": settings.joint, "cache": cache_note, "slices": n_slices,
                   "encoded_slices": self.encoded_slices - encoded_before,
                   "p_values": p_value_report(decoded, settings.p_value, settings.recognize, dist, checks, records,

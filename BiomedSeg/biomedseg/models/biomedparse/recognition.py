@@ -124,6 +124,7 @@ class SliceChecks:
         for (s, i), p in slice_p_values(probs, images, prompts, self.params).items():
             record = self.records[prompts[i]]
             record["checked"] += 1
+            record["best_p"] = max(record.get("best_p", 0.0), float(p))
             if p < self.p_value:
                 record["rejected"] += 1
                 if self.scope == "slice":

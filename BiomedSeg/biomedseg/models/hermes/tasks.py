@@ -215,8 +215,8 @@ def _suggest(key: str) -> list[str]:
         if concept not in seen:
             seen.add(concept)
             out.append(label)
-    if not out:  # a word contained in a longer name ("tumor" -> liver tumor, kidney tumor)
-        words = set(key.split())
+    if not out:  # a word contained in a longer name ("tumor" -> liver tumor, kidney tumor; "lungs" -> left lung)
+        words = {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in key.split()}
         out = [c for c in concepts() if words and words <= set(c.split())][:5]
     return out[:3] if len(out) > 3 else out
 
@@ -251,8 +251,8 @@ def resolve_prompt(prompt: str, modality=None) -> TaskMatch:
     concept = phrases.get(key)
     if concept is None:
         suggestions = _suggest(key)
-        hint = f"Did you mean: {', '.join(suggestions)}?" if suggestions else \
-            "See biomedseg.models.hermes.tasks.concepts() for the full list."
+        hint = f"Did you mean: {', '.join(suggestions)}? (`biomedseg models hermes` lists every target)" \
+            if suggestions else "`biomedseg models hermes` lists every target."
         raise InputError(f"Hermes has no task for '{raw.strip()}'.", hint=hint)
     candidates = _order(by_concept[concept], mod)
     if forced_dataset is not None:
@@ -317,3 +317,13 @@ def check_prompts(prompts) -> None:
     """The catalogue's ``prompt_check``: raise InputError (with close matches) for every
     prompt that maps to no task, before any model is loaded."""
     resolve_prompts(list(prompts))
+
+
+def synonyms() -> dict:
+    """{concept: [other phrases that select it]} (the catalogue's ``synonyms_provider``)."""
+    phrases, _ = _vocabulary()
+    out: dict[str, list[str]] = {}
+    for phrase, concept in sorted(phrases.items()):
+        if phrase != concept:
+            out.setdefault(concept, []).append(phrase)
+    return out
