@@ -230,3 +230,42 @@ def test_an_absent_target_carries_its_reason_kind_and_figure_through_the_worker(
     assert report["targets"] == [{"name": "nothing", "status": "absent", "reason": absence.reason,
                                   "kind": "threshold", "value": 0.0, "cutoff": 0.5}]
     assert not (tmp_path / "x.seg.nrrd").exists()
+
+
+def test_dicom_seg_pre_flight_refuses_before_the_model_runs(colin_path, tmp_path, capsys):
+    rc, err, seconds = _segment([str(colin_path), "-o", str(tmp_path / "brain.dcm")], capsys)
+    assert rc == 2 and "DICOM SEG needs a DICOM reference" in err and "was not read from a DICOM series" in err
+    assert seconds < 5 and list(tmp_path.iterdir()) == []
+
+
+def test_probabilities_from_the_cli_are_the_maps_the_masks_came_from(chest_ct, tmp_path, capsys):
+    import json
+
+    import nrrd
+    from conftest import worker_test_models
+
+    out = tmp_path / "x.seg.nrrd"
+    with worker_test_models():
+        rc = main(["segment", str(chest_ct.meta["source"]), "--model", "test-model", "--prompt", "core, body",
+                   "--option", "radius=40", "-o", str(out), "--probabilities", str(tmp_path / "p.nrrd"),
+                   "--threshold", "0.4", "--no-largest", "--no-fill-holes", "--report", str(tmp_path / "r.json")])
+    assert rc == 0, capsys.readouterr().err
+    maps, header = nrrd.read(str(tmp_path / "p.nrrd"), index_order="C")
+    assert maps.shape == chest_ct.shape + (2,) and header["kinds"][0] == "list"  # C order: (k, j, i, target)
+    assert json.loads(header["targets"]) == ["core", "body"] and float(header["threshold"]) == 0.4
+    import slicerio
+
+    seg = slicerio.read_segmentation(str(out))
+    for index, name in enumerate(["core", "body"]):
+        label = next(s["labelValue"] for s in seg["segments"] if s["name"] == name)
+        mask = slicerio.extract_segments(seg, [(name, label)])["voxels"].transpose(2, 1, 0) > 0  # (k, j, i)
+        np.testing.assert_array_equal(mask, maps[..., index] > 0.4)
+    assert str(tmp_path / "p.nrrd") in json.loads((tmp_path / "r.json").read_text())["outputs"]
+
+
+def test_only_a_ct_intensity_window_is_called_one():
+    from biomedseg.run_report import ct_window
+
+    assert ct_window({"modality": "CT", "window": [-160.0, 240.0]}) == (-160.0, 240.0)
+    assert ct_window({"window": [128, 128, 128], "modality_id": 0}) is None  # Hermes: a sliding window in voxels
+    assert ct_window({"modality": "MRI", "window": None}) is None

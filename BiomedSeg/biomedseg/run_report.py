@@ -78,6 +78,15 @@ def build_report(result: SegmentationResult, volume: Volume, *, entry, prompts: 
     })
 
 
+def ct_window(plan: dict) -> tuple[float, float] | None:
+    """The CT intensity window a slice-wise model used (lower, upper HU), from its plan; None otherwise
+    (Hermes' ``window`` is its sliding-window size in voxels, not an intensity window)."""
+    window = plan.get("window")
+    if plan.get("modality") == "CT" and isinstance(window, (list, tuple)) and len(window) == 2:
+        return float(window[0]), float(window[1])
+    return None
+
+
 def _describe_size(target: dict) -> str:
     if "area_mm2" in target:
         return f"{target['voxels']} pixels, {target['area_mm2']:.1f} mm²"
@@ -97,7 +106,7 @@ def report_lines(report: dict, verbose: bool = False) -> list[str]:
     site = plan.get("site") or decisions.get("site")
     if site:
         lines.append(f"site: {site}" + (f" ({plan['site_source']})" if plan.get("site_source") else ""))
-    window = plan.get("window")
+    window = ct_window(plan)
     if window:
         lines.append(f"CT window: {window[0]:g} to {window[1]:g} HU")
     if plan.get("plane"):

@@ -40,6 +40,8 @@ class ProgressBar:
         self.bar.refresh()
 
     def _line(self, stage: str, done: int, total: int) -> None:
+        if not stage and not total:
+            return  # the worker's "started" tick: nothing to say yet
         last_stage, last_tenth, last_time = self._last
         tenth = int(10 * done / total) if total else 10
         now = time.monotonic()

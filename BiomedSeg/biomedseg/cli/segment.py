@@ -148,7 +148,7 @@ def cmd_segment(args, refine=None) -> int:
     from ..io.preflight import check_outputs
     from ..io.readers import suffix_of
     from ..io.writers import write_result_json
-    from ..run_report import build_report, report_lines
+    from ..run_report import build_report, ct_window, report_lines
 
     output = Path(args.output)
     if args.weights is not None and not args.weights.strip():  # "$W" with W unset: never the default instead
@@ -201,9 +201,8 @@ def cmd_segment(args, refine=None) -> int:
     if args.preview and result.segments:
         from ..preview import render_preview
 
-        plan = result.report.get("plan") or {}
         written.append(render_preview(args.preview, volume, result.segments, title=f"{volume.name} - {args.model}",
-                                      overwrite=args.overwrite, window=plan.get("window"),
+                                      overwrite=args.overwrite, window=ct_window(result.report.get("plan") or {}),
                                       modality=decisions["modality"]["modality"]))
     if args.probabilities and result.probabilities:
         from ..io.probabilities import write_probabilities
