@@ -331,7 +331,8 @@ def test_slice_p_values_match_the_authors_and_reject_per_slice(backend, target_d
         kept = [bool(out[0, i].max() > 0) for i in range(3)]
         assert kept == ([True, True, False] if scope == "slice" else [True, True, True])  # 0.72, 0.35, 0.09
         record = state.records["COVID-19 infection"]
-        assert record == {"checked": 1, "rejected": 1, "passed": 0, "best_p": pytest.approx(pvals[(0, 2)])}
+        assert record == {"checked": 1, "rejected": 1, "passed": 0, "best_p": pytest.approx(pvals[(0, 2)]),
+                          "best_rejected_p": pytest.approx(pvals[(0, 2)])}
         assert state.absent_in_volume() == ([] if scope == "slice" else ["COVID-19 infection"])
     backend.configure_decoding()
 
@@ -439,8 +440,8 @@ def test_bad_options_and_modalities_are_refused_before_any_work(backend):
     before = backend.encoded_slices
     pet = Volume(vol.array, vol.ijk_to_ras, meta={"modality": "PT"})
     for volume, options, match in (
-            (vol, {"modality": "PET"}, "not trained on 'PET' images"),
-            (pet, {}, "not trained on 'PT' images \\(the image's DICOM modality\\)"),
+            (vol, {"modality": "PET"}, "made for CT, MRI.*but you said it is PET"),  # the engine's modality guard
+            (pet, {}, "made for CT, MRI.*but its DICOM tags say PET \\(DICOM modality PT\\)"),
             (vol, {"site": "head"}, "no CT window for site 'head'"),
             (vol, {"image_size": 100}, "multiple of 32"),
             (vol, {"joint": "yes"}, "Option 'joint' of model 'biomedparse-v1' must be true or false"),
@@ -557,7 +558,8 @@ def test_missing_weights_offline_and_gated_refusal(tmp_path, monkeypatch):
     with pytest.raises(WeightsMissingError) as err:
         segment(ct_volume(), "biomedparse-v1", ["liver"], device="cpu")
     assert err.value.message == "Access to microsoft/BiomedParse was refused: the repository is gated."
-    assert "Accept its licence" in err.value.hint and "HF_TOKEN" in err.value.hint
+    assert "accept the licence on the model page" in err.value.hint and "HF_TOKEN" in err.value.hint
+    assert "https://huggingface.co/microsoft/BiomedParse" in err.value.hint
 
 
 def test_tokenizer_vocabulary_sources(backend, tmp_path, monkeypatch):

@@ -308,7 +308,16 @@ def test_panel_asks_for_maps_and_shows_each_target(scene, soft_model):
         assert drive(controller).state == "done"
         assert [n.GetID() for n in controller.probability_nodes.values()] == ids
         assert scene.GetNumberOfNodes() == n_nodes
+        composites = [scene.GetNodesByClass("vtkMRMLSliceCompositeNode").GetItemAsObject(i) for i in
+                      range(scene.GetNodesByClass("vtkMRMLSliceCompositeNode").GetNumberOfItems())]
+        if not composites:  # a bare scene has no slice views: give it one, as Slicer's layout would
+            composites = [scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")]
+            controller.start(state, ref_node, seg_node)
+            assert drive(controller).state == "done"
+        # the first target's map is over the image; the others wait in the scene
+        assert {c.GetForegroundVolumeID() for c in composites} == {controller.probability_nodes[TARGETS[0]].GetID()}
         controller.start(panel.PanelState(model=soft_model, prompts=["core"], show_3d=False), ref_node, seg_node)
         assert drive(controller).state == "done" and controller.probability_nodes == {}
+        assert {c.GetForegroundVolumeID() for c in composites} == {None}  # unticked: no old map over the result
     finally:
         client.close()

@@ -129,6 +129,22 @@ def test_dicom_tags_are_evidence_and_a_sequence_of_the_right_family_only_warns()
                                   "(DICOM modality MR ('t2_tse'))."]
 
 
+def test_an_mri_with_padding_or_ringing_below_minus_500_is_not_taken_for_ct(colin_path):
+    """One outlier voxel is not air: CT needs a share of voxels near -1000 HU."""
+    entry = get_model("deepbet")
+    t1 = read_volume(colin_path)
+    padded = Volume(t1.array.astype(np.int16), t1.ijk_to_ras)
+    padded.array[:2] = -32768  # a padding slab
+    padded.array[90, 100, 100] = -900  # a ringing voxel
+    decision = decide(entry, padded, [TextPrompt("brain")], {})["modality"]
+    assert decision["modality"] == "CT" and decision["certain"] is False  # the guess is said, never a refusal
+
+
+def test_respelled_prompts_are_one_target():
+    assert [p.text for p in check_prompts("biomedparse-v1", ["liver", "livers", "the liver", "kidney tumour",
+                                                             "kidney tumor"])] == ["liver", "kidney tumor"]
+
+
 def test_colour_photographs_and_guesses_that_guess(chest_ct):
     entry = get_model("deepbet")
     photo = Volume(np.zeros((1, 16, 16, 3), np.uint8), np.eye(4), channels_last=True)
@@ -269,3 +285,4 @@ def test_only_a_ct_intensity_window_is_called_one():
     assert ct_window({"modality": "CT", "window": [-160.0, 240.0]}) == (-160.0, 240.0)
     assert ct_window({"window": [128, 128, 128], "modality_id": 0}) is None  # Hermes: a sliding window in voxels
     assert ct_window({"modality": "MRI", "window": None}) is None
+    assert ct_window({"window": "percentiles 0.5-99.5", "intensity_window": [3, 250]}) == (3.0, 250.0)  # MedSAM2

@@ -418,5 +418,13 @@ def check_prompts(model_id: str, prompts, free_text: bool = False) -> list:
     texts = [p.text for p in cleaned if isinstance(p, TextPrompt)]
     if texts:
         spelled = iter(check_texts(entry, texts, free_text))
-        cleaned = [TextPrompt(next(spelled)) if isinstance(p, TextPrompt) else p for p in cleaned]
+        respelled, seen = [], set()
+        for p in cleaned:  # 'livers' and 'the liver' are one target once spelled as the model does
+            if isinstance(p, TextPrompt):
+                p = TextPrompt(next(spelled))
+                if p.text.lower() in seen:
+                    continue
+                seen.add(p.text.lower())
+            respelled.append(p)
+        cleaned = respelled
     return cleaned

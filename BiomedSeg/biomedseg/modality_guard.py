@@ -7,7 +7,7 @@ and the person can say what the image is (``--modality``) or run anyway (``--for
 panel's *Use anyway*).
 
 "Clearly" means evidence that does not guess: a DICOM Modality tag, intensities only CT
-has (air near -1000), or colour pixels. The fallbacks of ``imaging_guess`` ("MRI-like",
+has (at least 0.5% of the voxels near -1000 HU: air), or colour pixels. The fallbacks of ``imaging_guess`` ("MRI-like",
 "a single grey slice") never refuse anything. A stated or tagged sequence of the right
 family but another weighting (a T2 series for a T1 model) runs with a warning.
 """
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .errors import ModalityMismatchError
-from .imaging_guess import HU_AIR_BELOW, modality_from_tags, modality_from_voxels, modality_from_words
+from .imaging_guess import modality_from_tags, modality_from_voxels, modality_from_words
 from .vocabulary import modality_family, same_modality
 from .volume import Volume
 
@@ -50,9 +52,22 @@ def decide_modality(volume: Volume, stated: str | None = None) -> ModalityDecisi
         why = f"DICOM modality {str(code).strip()}" + (f" ('{description}')" if description else "")
         return ModalityDecision(tagged, "tags", why, True)
     name, why = modality_from_voxels(volume)
-    certain = volume.channels_last or (name == "CT" and volume.array.size > 0
-                                       and float(volume.array.min()) < HU_AIR_BELOW)
+    certain = volume.channels_last or (name == "CT" and air_fraction(volume) >= MIN_AIR_FRACTION)
     return ModalityDecision(name, "intensities", why, bool(certain))
+
+
+#: Share of voxels near -1000 HU that makes "CT" certain: a CT holds air around the body or in the
+#: lungs; an MRI with a -32768 padding slab or a few ringing voxels below -500 holds none.
+MIN_AIR_FRACTION = 0.005
+
+
+def air_fraction(volume: Volume, most: int = 2_000_000) -> float:
+    """Share of (at most ``most`` strided) voxels between -1200 and -800."""
+    flat = volume.array.reshape(-1)
+    if flat.size == 0:
+        return 0.0
+    sample = flat[::max(1, flat.size // most)]
+    return float(np.count_nonzero((sample >= -1200) & (sample <= -800))) / sample.size
 
 
 def _fits(modality: str, declared: list[str], colour_guess: bool) -> bool:

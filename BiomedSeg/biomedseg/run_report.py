@@ -22,11 +22,13 @@ SCHEMA = "biomedseg.run-report/1"
 
 
 def _size(volume: Volume, voxels: int) -> dict:
-    """Voxels and mL for a volume, mm^2 for a single slice."""
-    spacing = [float(s) for s in volume.spacing]
-    if volume.shape[0] == 1 or volume.meta.get("image_kind") == "2d":
-        return {"voxels": voxels, "area_mm2": round(voxels * spacing[0] * spacing[1], 3)}
-    return {"voxels": voxels, "volume_ml": round(voxels * float(np.prod(spacing)) / 1000.0, 4)}
+    """Voxels and mL for a volume; mm^2 for a one-slice image (along any axis, as the preview shows it)."""
+    spacing_kji = [float(s) for s in volume.spacing[::-1]]
+    if min(volume.shape) == 1:
+        thin = int(np.argmin(volume.shape))
+        area = float(np.prod([s for axis, s in enumerate(spacing_kji) if axis != thin]))
+        return {"voxels": voxels, "area_mm2": round(voxels * area, 3)}
+    return {"voxels": voxels, "volume_ml": round(voxels * float(np.prod(spacing_kji)) / 1000.0, 4)}
 
 
 def targets_of(result: SegmentationResult, volume: Volume, requested: list[str]) -> list[dict]:
@@ -79,10 +81,13 @@ def build_report(result: SegmentationResult, volume: Volume, *, entry, prompts: 
 
 
 def ct_window(plan: dict) -> tuple[float, float] | None:
-    """The CT intensity window a slice-wise model used (lower, upper HU), from its plan; None otherwise
-    (Hermes' ``window`` is its sliding-window size in voxels, not an intensity window)."""
-    window = plan.get("window")
-    if plan.get("modality") == "CT" and isinstance(window, (list, tuple)) and len(window) == 2:
+    """The intensity window a model showed its images in (lower, upper), from its plan: a model's
+    ``intensity_window`` (MedSAM2), or BiomedParse's CT ``window``; None otherwise (Hermes' ``window``
+    is its sliding-window size in voxels, not an intensity window)."""
+    window = plan.get("intensity_window")
+    if window is None and plan.get("modality") == "CT":
+        window = plan.get("window")
+    if isinstance(window, (list, tuple)) and len(window) == 2:
         return float(window[0]), float(window[1])
     return None
 
@@ -94,7 +99,8 @@ def _describe_size(target: dict) -> str:
 
 
 def report_lines(report: dict, verbose: bool = False) -> list[str]:
-    """What the CLI prints after a run: the decisions, per target found or why not, the times."""
+    """What the CLI prints after a run: the decisions, per target found or why not, the times (the
+    warnings were printed before the run, where they can still stop an hour of work)."""
     lines = []
     decisions = report["decisions"]
     modality = decisions.get("modality") or {}
@@ -108,7 +114,9 @@ def report_lines(report: dict, verbose: bool = False) -> list[str]:
         lines.append(f"site: {site}" + (f" ({plan['site_source']})" if plan.get("site_source") else ""))
     window = ct_window(plan)
     if window:
-        lines.append(f"CT window: {window[0]:g} to {window[1]:g} HU")
+        what = "CT window" if plan.get("modality") == "CT" else "intensity window"
+        rule = f" ({plan['window']})" if isinstance(plan.get("window"), str) else ""
+        lines.append(f"{what}: {window[0]:g} to {window[1]:g}{' HU' if what == 'CT window' else ''}{rule}")
     if plan.get("plane"):
         lines.append(f"plane: {plan['plane']}" + (f", slices {decisions['region']}" if decisions.get("region") else ""))
     lines.append(f"model: {report['model']['id']} on {report['device']['used']} ({report['device']['why']})")
@@ -117,8 +125,6 @@ def report_lines(report: dict, verbose: bool = False) -> list[str]:
             lines.append(f"found: '{target['name']}': {_describe_size(target)}")
         else:
             lines.append(f"not found: '{target['name']}' ({target['reason']}); no segment written for it")
-    for warning in report["warnings"]:
-        lines.append(f"warning: {warning}")
     if verbose:
         for key, value in sorted(plan.items()):
             if key not in ("modality", "site", "site_source", "window", "plane"):

@@ -44,8 +44,7 @@ def cmd_models(args) -> int:
     if args.model:
         print_model(entries[0])
         return 0
-    rows = [[m["id"], m["input"].upper(), m["prompt_kind"], ",".join(m["modalities"][:3])
-             + ("…" if len(m["modalities"]) > 3 else ""), m["weights"]["license"].split(" ")[0]
+    rows = [[m["id"], m["input"].upper(), m["prompt_kind"], ",".join(m["modalities"]), m["weights"]["license"].split(" ")[0]
              + (" (gated)" if m["weights"]["gated"] else ""), m["state_state"]] for m in entries]
     _print_table(rows, ["model", "input", "prompt", "modalities", "licence", "state on this machine"])
     print()

@@ -159,7 +159,7 @@ def cmd_segment(args, refine=None) -> int:
     others = _check_paths(args, entry, output)
     prompts = check_prompts(args.model, prompts_of(args), args.free_text) if refine is None else []
     options = model_options(args)
-    check_options(args.model, entry.options, options)  # undeclared options fail before anything is read
+    settled = check_options(args.model, entry.options, options)  # undeclared options fail before anything is read
     region = region_of(args)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     started = time.perf_counter()
@@ -212,11 +212,18 @@ def cmd_segment(args, refine=None) -> int:
     times["write"] = time.perf_counter() - writing
     times["total"] = time.perf_counter() - started
     request_record = {k: v for k, v in request.items() if k != "region"}
-    request_record.update(region=region.to_dict(), input=str(args.input))
+    request_record.update(region=region.to_dict(), input=str(args.input),
+                          options={**settled, **{k: options[k] for k in ("modality", "site") if k in options}})
     report = build_report(result, volume, entry=entry, prompts=prompts, request=request_record, times=times,
                           outputs=written, warnings=warnings + decisions["warnings"])
+    if args.report or args.verbose:
+        _hash_weights(report)
     if args.report:
         written.append(_write_report(args.report, report, args.overwrite))
+    for flag, path, made in (("--preview", args.preview, bool(result.segments)),
+                             ("--probabilities", args.probabilities, bool(result.probabilities))):
+        if path and not made:
+            log(f"{flag} {path}: not written, there is nothing to show")
     for line in report_lines(report, verbose=args.verbose):
         log(line)
     for path in written:
@@ -228,13 +235,17 @@ def cmd_segment(args, refine=None) -> int:
     return 0
 
 
-def _write_report(path, report: dict, overwrite: bool) -> Path:
-    """The report with every weight file's sha256 (hashed here when the engine did not know it)."""
-    from ..io.atomic import atomic_write
+def _hash_weights(report: dict) -> None:
+    """Every weight file's sha256 (hashed here, once per file version, when the engine did not know it)."""
     from ..runtime.weights import file_sha256
 
     for weight in report["model"]["weights"]:
         if weight.get("sha256") is None and weight.get("path") and Path(weight["path"]).is_file():
             weight["sha256"] = file_sha256(weight["path"])
+
+
+def _write_report(path, report: dict, overwrite: bool) -> Path:
+    from ..io.atomic import atomic_write
+
     text = json.dumps(report, indent=2) + "\n"
     return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text), overwrite)

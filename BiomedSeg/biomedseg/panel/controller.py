@@ -281,11 +281,14 @@ class PanelController:
         self.probability_nodes = {}
         reference = run.volume_node if run.volume_node is not None and run.volume_node.GetScene() else None
         if not run.state.show_probabilities or reference is None:
+            slicer_bridge.hide_probability_maps(self.scene)
             return
         threshold = float(run.request.kwargs.get("threshold", run.state.threshold))
-        for target, probability in result.probabilities.items():
+        for index, (target, probability) in enumerate(result.probabilities.items()):
+            # the first target's map over the image; the others wait in the scene, one click away
             self.probability_nodes[target] = slicer_bridge.show_probability_map(self.scene, reference, target,
-                                                                                probability, threshold)
+                                                                                probability, threshold,
+                                                                                show=index == 0)
 
     # ---- undo ----
     @property

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..catalog import get_model
 from ..errors import InputError
+from ..imaging_guess import modality_from_words
 from ..vocabulary import check_texts, is_listed, target_warnings
 from .state import parse_prompts
 
@@ -36,7 +37,7 @@ def prompt_notes(model_id: str, prompt_text: str, modality: str = "", free_text:
         except InputError as err:
             notes.append(PromptNote(prompt, "error", err.message))
             continue
-        warning = target_warnings(entry, [spelled], modality or None)
+        warning = target_warnings(entry, [spelled], modality_from_words(modality) or modality or None)
         if warning:
             notes.append(PromptNote(prompt, "warning", warning[0]))
         elif free_text and spelled == prompt and not is_listed(entry, prompt):

@@ -17,7 +17,7 @@ from .exports import (export_to_labelmap_node, load_segmentation, new_segmentati
 from .editable import (LOCKED_TAG, EditRules, apply_rules, describe_rules, editable_area, editor_rules,
                        is_segment_locked, set_segment_locked, write_in_editable_area)
 from .markups import control_point_id, control_point_prompt, prompts_from_markups, remove_markup, roi_ras_bounds
-from .probability_maps import show_probability_map
+from .probability_maps import hide_probability_maps, show_probability_map
 from .segmentations import (BINARY_LABELMAP, REFERENCE_GEOMETRY, ensure_converter_rules, reference_geometry_parameter,
                             segment_labelmap, segment_mask, segment_tag, terminology_from_tag, terminology_tag_name,
                             terminology_to_tag, undo_segments, write_segments)
@@ -34,4 +34,4 @@ __all__ = ["BINARY_LABELMAP", "REFERENCE_GEOMETRY", "dicom_files_of", "ensure_co
            "is_segment_locked", "set_segment_locked", "write_in_editable_area", "control_point_id",
            "control_point_prompt", "remove_markup", "grid_of", "image_stamp",
            # soft maps over the image (the panel's "Show probability map")
-           "show_probability_map"]
+           "show_probability_map", "hide_probability_maps"]

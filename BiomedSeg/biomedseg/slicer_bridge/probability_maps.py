@@ -99,4 +99,19 @@ def show_probability_map(scene, reference_volume_node, name: str, probability: n
     return node
 
 
-__all__ = ["BAND", "PROBABILITY_ATTRIBUTE", "band_colors", "probability_colors", "show_probability_map"]
+def hide_probability_maps(scene) -> int:
+    """Take every probability map out of the slice views' foreground (the person unticked *Show probability
+    map*: an old run's map must not sit over the new result). Returns how many views changed."""
+    changed = 0
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for index in range(composites.GetNumberOfItems()):
+        composite = composites.GetItemAsObject(index)
+        node = scene.GetNodeByID(composite.GetForegroundVolumeID() or "")
+        if node is not None and node.GetAttribute(PROBABILITY_ATTRIBUTE):
+            composite.SetForegroundVolumeID(None)
+            changed += 1
+    return changed
+
+
+__all__ = ["BAND", "PROBABILITY_ATTRIBUTE", "band_colors", "probability_colors", "show_probability_map",
+           "hide_probability_maps"]

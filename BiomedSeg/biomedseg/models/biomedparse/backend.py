@@ -366,10 +366,12 @@ class BiomedParseBackend(Backend):
                                          f"slice(s) where the model drew it ({figure})", "plausibility", best,
                                          settings.p_value)
             elif record["rejected"] and float(probs[prompt].max()) <= MASK_THRESHOLD:
+                rejected = record.get("best_rejected_p")  # the rejected slice closest to passing
                 absent[prompt] = Absence(f"the authors' plausibility test rejected it on {record['rejected']} of "
-                                         f"{record['checked']} slice(s) and nothing above {MASK_THRESHOLD:g} was left "
-                                         f"({figure}; --option p_value=0 turns the test off)", "plausibility", best,
-                                         settings.p_value)
+                                         f"{record['checked']} slice(s) (the closest had p = {rejected:.3g} against the "
+                                         f"cut-off {settings.p_value:g}) and the rest held nothing above "
+                                         f"{MASK_THRESHOLD:g}; --option p_value=0 turns the test off", "plausibility",
+                                         rejected, settings.p_value)
         report = {"batch_size": plan.batch_size, "joint": settings.joint, "cache": cache_note, "slices": n_slices,
                   "encoded_slices": self.encoded_slices - encoded_before,
                   "p_values": p_value_report(decoded, settings.p_value, settings.recognize, dist, checks, records,

@@ -127,6 +127,7 @@ class SliceChecks:
             record["best_p"] = max(record.get("best_p", 0.0), float(p))
             if p < self.p_value:
                 record["rejected"] += 1
+                record["best_rejected_p"] = max(record.get("best_rejected_p", 0.0), float(p))
                 if self.scope == "slice":
                     probs[s, i] = 0
             else:

@@ -60,7 +60,8 @@ class MedSAM2Backend(Backend):
             frames[target] = {"plane": framing.plane, "frames": [wanted.lo, wanted.hi],
                               "conditioning_frames": sorted({p.frame for p in wanted.prompts})}
         return Plan(units="slices", details=details,
-                    report={"window": rule, "memory": details["memory"], "targets": frames})
+                    report={"window": rule, "intensity_window": [float(lo), float(hi)], "memory": details["memory"],
+                            "targets": frames})
 
     # ---- weights -------------------------------------------------------------------------
     def load(self, context: LoadContext) -> None:
