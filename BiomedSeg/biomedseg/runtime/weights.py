@@ -246,15 +246,30 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def verify_sha256(path: Path, expected: str) -> None:
-    """Check a file's sha256 once per (path, size, mtime); raise if it differs."""
+def _hash_record(path: Path) -> tuple[str, dict]:
+    """(this version's key, the remembered checksums): a file is known by (path, size, mtime)."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    record_file = cache_dir() / "verified.json"
     try:
-        record = json.loads(record_file.read_text())
+        record = json.loads((cache_dir() / "verified.json").read_text())
     except (OSError, ValueError):
         record = {}
+    return key, record
+
+
+def _remember_hash(record: dict, key: str, sha256: str) -> None:
+    record[key] = sha256
+    record_file = cache_dir() / "verified.json"
+    try:
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        record_file.write_text(json.dumps(record, indent=1))
+    except OSError:
+        pass  # an unwritable cache only costs a re-hash next time
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Check a file's sha256 once per (path, size, mtime); raise if it differs."""
+    key, record = _hash_record(path)
     if record.get(key) == expected:
         return
     actual = sha256_of(path)
@@ -262,12 +277,7 @@ def verify_sha256(path: Path, expected: str) -> None:
         raise WeightsMissingError(
             f"Checksum mismatch for '{path}': expected sha256 {expected}, got {actual}.",
             hint="The file is corrupt or a different version; delete it and download again.")
-    record[key] = expected
-    try:
-        record_file.parent.mkdir(parents=True, exist_ok=True)
-        record_file.write_text(json.dumps(record, indent=1))
-    except OSError:
-        pass  # an unwritable cache only costs a re-hash next time
+    _remember_hash(record, key, expected)
 
 
 def file_sha256(path: str | os.PathLike, spec: dict | None = None, compute: bool = True) -> str | None:
@@ -280,20 +290,9 @@ def file_sha256(path: str | os.PathLike, spec: dict | None = None, compute: bool
         known = spec["sha256"]  # verified when the file was resolved
     if known is not None:
         return known
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    record_file = cache_dir() / "verified.json"
-    try:
-        record = json.loads(record_file.read_text())
-    except (OSError, ValueError):
-        record = {}
+    key, record = _hash_record(path)
     if key not in record and not compute:
         return None
     if key not in record:
-        record[key] = sha256_of(path)
-        try:
-            record_file.parent.mkdir(parents=True, exist_ok=True)
-            record_file.write_text(json.dumps(record, indent=1))
-        except OSError:
-            pass
+        _remember_hash(record, key, sha256_of(path))
     return record[key]

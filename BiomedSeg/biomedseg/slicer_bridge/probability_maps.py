@@ -40,18 +40,24 @@ def _own_node(scene, class_name: str, name: str):
     return None
 
 
+def _own_or_new(scene, cls, title: str, name: str):
+    """Our node called ``title`` (marked with ``PROBABILITY_ATTRIBUTE``), or a new one added to the scene."""
+    node = _own_node(scene, cls.__name__, title)
+    if node is None:
+        node = cls()
+        node.SetName(title)
+        node.SetAttribute(PROBABILITY_ATTRIBUTE, name)
+        scene.AddNode(node)
+    return node
+
+
 def probability_colors(scene, name: str, threshold: float):
     """The colour table node "<name> probability colours" for ``threshold`` (made once, refilled after)."""
     import slicer
 
-    title = f"{name} probability colours"
-    table = _own_node(scene, "vtkMRMLColorTableNode", title)
-    if table is None:
-        table = slicer.vtkMRMLColorTableNode()
-        table.SetName(title)
-        table.SetAttribute(PROBABILITY_ATTRIBUTE, name)
+    table = _own_or_new(scene, slicer.vtkMRMLColorTableNode, f"{name} probability colours", name)
+    if not table.GetNumberOfColors():
         table.SetTypeToUser()
-        scene.AddNode(table)
     colours = band_colors(threshold)
     table.SetNumberOfColors(len(colours))
     for index, (r, g, b, a) in enumerate(colours):
@@ -73,13 +79,7 @@ def show_probability_map(scene, reference_volume_node, name: str, probability: n
     if tuple(probability.shape) != tuple(grid.shape):
         raise InputError(f"The probability map of '{name}' has shape {probability.shape}, not the grid "
                          f"{tuple(grid.shape)} of '{reference_volume_node.GetName()}'.")
-    title = f"{name} probability"
-    node = _own_node(scene, "vtkMRMLScalarVolumeNode", title)
-    if node is None:
-        node = slicer.vtkMRMLScalarVolumeNode()
-        node.SetName(title)
-        node.SetAttribute(PROBABILITY_ATTRIBUTE, name)
-        scene.AddNode(node)
+    node = _own_or_new(scene, slicer.vtkMRMLScalarVolumeNode, f"{name} probability", name)
     node.SetAndObserveTransformNodeID(None)  # the grid is in world RAS already
     node.SetIJKToRASMatrix(numpy_to_matrix(grid.ijk_to_ras))
     node.SetAndObserveImageData(image_data_from_array(probability.astype(np.float32, copy=False), 1))
