@@ -81,17 +81,23 @@ class TextTransformer(nn.Module):
 
 
 class LanguageEncoder(nn.Module):
-    """Text transformer + ``lang_proj`` + ``logit_scale`` (names as in the checkpoint)."""
+    """Text transformer + ``lang_proj`` + ``logit_scale`` (names as in the checkpoint).
 
-    def __init__(self, width: int = 512, dim_proj: int = 512, **transformer_kwargs):
+    ``transformer_name`` is the attribute (checkpoint name) of the text transformer: ``lang_encoder``
+    in v1; BiomedParse v2 keeps the same network under ``encoder_transformer``.
+    """
+
+    def __init__(self, width: int = 512, dim_proj: int = 512, transformer_name: str = "lang_encoder",
+                 **transformer_kwargs):
         super().__init__()
-        self.lang_encoder = TextTransformer(width=width, **transformer_kwargs)
+        self.transformer_name = transformer_name
+        self.add_module(transformer_name, TextTransformer(width=width, **transformer_kwargs))
         self.lang_proj = nn.Parameter(torch.empty(width, dim_proj))
         self.logit_scale = nn.Parameter(torch.ones([]))
 
     def forward(self, input_ids, attention_mask=None):
         """(token_emb [N, 77, P], class_emb [N, P]); class_emb is taken at the first EOT (= argmax id)."""
-        hidden = self.lang_encoder(input_ids)
+        hidden = getattr(self, self.transformer_name)(input_ids)
         class_x = hidden[torch.arange(hidden.size(0), device=hidden.device), input_ids.argmax(dim=-1)]
         return hidden @ self.lang_proj, class_x @ self.lang_proj
 
