@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import types
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .prompts import MaskPrompt, TextPrompt, as_prompts, clean_text
-from .runtime.weights import weights_state
+from .runtime.weights import cache_dir, weights_state
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 EXTRA_PACKAGE = "biomedseg_extra_models"
@@ -107,11 +108,30 @@ class ModelEntry:
         return [name for name in self.data["requires"] if importlib.util.find_spec(name) is None]
 
     def state(self) -> dict:
-        """Whether this model can run here, and if not, what is missing (for CLI and panel)."""
+        """Whether this model can run here, and if not, what is missing (for CLI and panel).
+
+        A model that runs only on CUDA says "needs an NVIDIA GPU" on a machine without one, before its
+        packages or weights are looked at (nothing is offered for download); a model with an
+        ``environment`` of its own is checked there (``biomedseg env create``), not in this Python."""
         if not self.data.get("backend"):
             return {"ready": False, "state": "not available in this version",
                     "detail": "the backend for this model is not part of this release yet"}
-        missing = self.missing_requirements()
+        devices = self.data.get("devices") or []
+        if devices and all(d == "cuda" for d in devices):
+            gpu, why = nvidia_gpu()
+            if not gpu:
+                return {"ready": False, "state": "needs an NVIDIA GPU",
+                        "detail": f"this model runs only on CUDA (an NVIDIA GPU), and {why}; nothing is downloaded "
+                                  "for it here"}
+        env = self.data.get("environment")
+        if env and not inside_environment(env["name"]):
+            if environment_python(env["name"]) is None:
+                return {"ready": False, "state": "environment to create",
+                        "detail": f"it runs in a Python environment of its own: run `biomedseg env create "
+                                  f"{env['name']}`"}
+            missing = []  # its packages were installed and checked when the environment was made
+        else:
+            missing = self.missing_requirements()
         if missing:
             return {"ready": False, "state": "dependencies missing",
                     "detail": f"install {', '.join(missing)} in the worker's Python environment"}
@@ -121,10 +141,61 @@ class ModelEntry:
                     else "weights missing", "detail": weights["detail"]}
         return {"ready": True, "state": "ready", "detail": weights["detail"]}
 
+    def worker_python(self) -> str | None:
+        """The Python this model's worker runs in when it has an environment of its own (None: any)."""
+        env = self.data.get("environment")
+        return environment_python(env["name"]) if env else None
+
     def resolve(self, path: str):
         """The object a 'module:name' of this model.json names (module relative to the folder)."""
         module_name, _, attr = path.partition(":")
         return getattr(import_model_module(self, module_name), attr)
+
+
+# ---- where a model can run: an NVIDIA GPU, its own environment ----------------------------
+
+def nvidia_gpu() -> tuple[bool, str]:
+    """(whether an NVIDIA GPU can be used here, why not), found without torch: a driver, and
+    CUDA_VISIBLE_DEVICES not hiding every device."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False, "CUDA_VISIBLE_DEVICES hides every GPU"
+    if sys.platform == "darwin":
+        return False, "macOS has no CUDA"
+    if os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi"):
+        return True, "an NVIDIA driver is installed"
+    if os.name == "nt" and (Path(os.environ.get("SystemRoot", r"C:\Windows")) / "System32" / "nvcuda.dll").is_file():
+        return True, "an NVIDIA driver is installed"
+    return False, "this machine has no NVIDIA GPU driver (no nvidia-smi, no /proc/driver/nvidia)"
+
+
+def environment_record_path(name: str) -> Path:
+    """Where ``biomedseg env create NAME`` records the environment it made (its prefix, pins, checks)."""
+    return cache_dir() / "envs" / f"{name}.json"
+
+
+def environment_record(name: str) -> dict | None:
+    try:
+        record = json.loads(environment_record_path(name).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("prefix") else None
+
+
+def environment_python(name: str) -> str | None:
+    """The Python of the recorded environment NAME, when it is still there."""
+    record = environment_record(name)
+    python = record and record.get("python")
+    return str(python) if python and Path(python).is_file() else None
+
+
+def inside_environment(name: str) -> bool:
+    """True in the Python of environment NAME itself (its worker checks its own packages)."""
+    record = environment_record(name)
+    try:
+        return bool(record) and Path(sys.prefix).resolve() == Path(record["prefix"]).resolve()
+    except OSError:
+        return False
 
 
 # ---- importing a model folder's code -----------------------------------------------------

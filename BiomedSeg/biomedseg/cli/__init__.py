@@ -1,4 +1,4 @@
-"""Command line: `biomedseg models | segment | doctor`.
+"""Command line: `biomedseg models | segment | refine | classify | doctor | env`.
 
 Errors print one sentence and what to do, with an exit code by kind (2 bad input,
 3 weights or dependencies missing, 4 out of memory, 5 cancelled, 1 anything else).
@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import BiomedSegError
 from .catalogue import cmd_models
 from .doctor import cmd_doctor, doctor_report, worker_report
+from .environments import add_env_parser
 from .prompt_args import prompts_file, prompts_of
 from .segment import cmd_classify, cmd_refine, cmd_segment, model_options, region_of
 
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="store_true", help="also start a worker and check it end to end")
     p.add_argument("--worker-python", help="Python executable for the worker to check")
     p.set_defaults(func=cmd_doctor)
+
+    add_env_parser(sub)  # `env create NAME`: a model's own Python environment (cli/environments.py)
     return parser
 
 

@@ -130,8 +130,9 @@ def _run(args, volume, prompts, bar, run_options):
         return segment(volume, args.model, prompts, progress=bar,
                        keep_probabilities=bool(args.probabilities), **run_options)
     from ..worker.client import WorkerClient
+    from .environments import worker_python_for
 
-    client = WorkerClient(python=args.worker_python)
+    client = WorkerClient(python=worker_python_for(args.model, args.worker_python))  # a model's own environment
     try:
         return client.run(volume, args.model, prompts, probabilities=bool(args.probabilities),
                           on_progress=lambda job: bar(job.stage, job.done, job.total), **run_options)

@@ -180,6 +180,15 @@ def check_output(model_id: str, entry, output: ModelOutput, targets: list[str], 
                 raise broken(f"returned no result for '{target}'")
             if prob is not None and tuple(prob.shape) != tuple(shape):
                 raise broken(f"returned shape {prob.shape} for '{target}', not the input's {tuple(shape)}")
+    # masks named after the phrases of a text answer (model.json ``phrase_masks``: at most that many)
+    extra = [name for name in output.probabilities if name not in targets]
+    if len(extra) > int(entry.data.get("phrase_masks", 0)):
+        raise broken(f"returned {len(extra)} mask(s) beyond its prompts ({', '.join(map(repr, extra[:5]))}); its "
+                     f"model.json allows {int(entry.data.get('phrase_masks', 0))}")
+    for name in extra:
+        if tuple(np.shape(output.probabilities[name])) != tuple(shape):
+            raise broken(f"returned shape {np.shape(output.probabilities[name])} for '{name}', not the input's "
+                         f"{tuple(shape)}")
 
 
 def to_result(output: ModelOutput, entry, volume: Volume, box, targets: list[str], threshold: float,
@@ -189,7 +198,7 @@ def to_result(output: ModelOutput, entry, volume: Volume, box, targets: list[str
     largest = defaults["keep_largest"] if keep_largest is None else keep_largest
     fill = defaults["fill_holes"] if fill_holes is None else fill_holes
     segments, absent, details, probabilities = [], [], {}, {}
-    for target in targets:
+    for target in targets + [name for name in output.probabilities if name not in targets]:  # then phrase masks
         prob = output.probabilities.get(target)
         if prob is None:
             if target in output.absent or "masks" in entry.results:

@@ -21,6 +21,7 @@ wrong lives in this package, one module per job, and is tested against real MRML
 - ``correction``: the Correct section for interactive models: boxes and clicks, propagate over a
   slice range, refine a segment, corrections in the same worker session, undo, and what the next
   click will do (writes only inside the Segment Editor's editable area);
+- ``findings``: a text-with-masks model's findings with each grounded phrase linked to its segment;
 - ``install`` and ``background_steps``: first-run installs and downloads that never replace
   the packages of Slicer's own Python, run as background processes;
 - ``worker_python``: the environment of a Python other than Slicer's.
@@ -30,6 +31,7 @@ MRML nodes are only passed through to ``slicer_bridge``; nothing here touches th
 from .background_steps import BackgroundSteps
 from .controller import PanelController, PollResult
 from .correction import SHORTCUTS, TOOLS, CorrectionController, CorrectionOutcome, CorrectionSession
+from .findings import FindingView, PhraseLink, finding_views, findings_html, phrase_segments, segment_of_link
 from .guessing import (Guess, ModelView, guess_modality_site, match_modality, match_site, modalities_for, model_view,
                        read_dicom_tags, sites_for, state_for_guess, suggestions)
 from .install import (DOWNLOAD_CODE, ENGINE_PACKAGES, WORKER_REQUIREMENTS, InstallFinish, InstallFlow, InstallOffer,
@@ -65,6 +67,8 @@ __all__ = [
     "RecognitionController", "Recognition", "RecognizedGuess", "ClipOutcome", "merge_guess", "slice_centre",
     # correction
     "CorrectionController", "CorrectionSession", "CorrectionOutcome", "TOOLS", "SHORTCUTS",
+    # findings of text-with-masks models (UniBiomed)
+    "FindingView", "PhraseLink", "phrase_segments", "finding_views", "findings_html", "segment_of_link",
     # installs
     "Step", "InstallPlan", "install_plan", "download_plan", "missing_requirements", "missing_engine_packages",
     "constraints_for_installed", "env_python", "hub_cache_bytes", "weights_progress", "BackgroundSteps",

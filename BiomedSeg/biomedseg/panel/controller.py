@@ -269,6 +269,7 @@ class PanelController:
         outcome.segmentation_node = node
         outcome.segment_ids = list(record["segment_ids"])
         outcome.names = names
+        outcome.result_names = [seg.name for seg in segments]
         voxel_ml = float(abs(np.linalg.det(run.request.volume.ijk_to_ras[:3, :3]))) / 1000.0
         for name, seg in zip(names, segments):
             outcome.voxels[name] = int(seg.mask.sum())

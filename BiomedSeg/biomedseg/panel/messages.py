@@ -123,6 +123,8 @@ class RunOutcome:
     findings: list = field(default_factory=list)
     #: what the engine and the model decided (modality, batch, region, ...)
     report: dict = field(default_factory=dict)
+    #: the result's own name of each written segment (``names`` may differ: 'liver 2' when 'liver' was taken)
+    result_names: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:

@@ -116,7 +116,7 @@ def model_choices(device: str = "auto", states: dict[str, dict] | None = None) -
     for entry in load_catalog():
         st = states.get(entry.id) or entry.state()
         state, detail, ready = st["state"], st.get("detail", ""), bool(st.get("ready"))
-        enabled = state != "not available in this version"
+        enabled = state not in ("not available in this version", "needs an NVIDIA GPU")
         if enabled and not device_supported(entry, device):
             state, ready, enabled = "not supported on this device", False, False
             detail = f"runs on {', '.join(entry.data.get('devices', []))}, not on '{device}'"

@@ -247,8 +247,10 @@ class WorkerClient:
                                 "ijk_to_ras": volume.ijk_to_ras.ravel().tolist(),
                                 "meta": dict(list(meta.items())[:64])})  # what the worker's schema allows
             # a model that returns no masks (labels, text) gets no mask block: nothing would be written there
-            masks = "masks" in get_model(model).results
-            out_shape = (len(targets) if masks else 0,) + shape
+            entry = get_model(model)
+            masks = "masks" in entry.results
+            # room for the masks a text answer grounds beyond the prompts (model.json ``phrase_masks``)
+            out_shape = (len(targets) + int(entry.data.get("phrase_masks", 0)) if masks else 0,) + shape
             out_block = self.pool.acquire(int(np.prod(out_shape)))
             job.blocks.append(out_block)
             message["output"] = protocol.array_spec(out_block, out_shape, np.uint8)

@@ -219,10 +219,11 @@ class WorkerServer:
             result = self._segment(message, volume, prompts, progress, flag.is_set)
             if flag.is_set():
                 raise CancelledError("Segmentation was cancelled; nothing was written.")
-            self._write_outputs(result, targets, outputs)
+            slots = self._slots(result, targets, outputs)
+            self._write_outputs(result, targets, outputs, slots)
             self.send(protocol.jsonable({
                 "id": job_id, "event": "result", "targets": targets,
-                "segments": [{"name": s.name, "index": targets.index(s.name), "color": list(s.color),
+                "segments": [{"name": s.name, "index": slots.index(s.name), "color": list(s.color),
                               "terminology": s.terminology, "label": s.label} for s in result.segments],
                 "absent": result.absent, "absent_reasons": result.absent_reasons,
                 "absent_details": {t: d.to_dict() for t, d in result.absent_details.items()},
@@ -294,7 +295,7 @@ class WorkerServer:
         """The request's volume (None for a session re-run), typed prompts, targets and output views."""
         import numpy as np
 
-        from ..catalog import check_prompts
+        from ..catalog import check_prompts, get_model
         from ..prompts import prompt_from_dict, targets_of
         from ..volume import Volume
 
@@ -348,8 +349,11 @@ class WorkerServer:
             if spec is None:
                 continue
             dtype, out_shape = protocol.check_spec(spec)
-            # one mask per target, or none at all for a model that returns no masks (labels, text)
-            if out_shape[:1] not in ((len(targets),), (0,)) or (shape is not None and out_shape[1:] != shape):
+            # one mask per target (and room for the phrase masks of a model that grounds a text answer), or none
+            # at all for a model that returns no masks (labels, text)
+            room = len(targets) + int(get_model(str(message["model"])).data.get("phrase_masks", 0))
+            rows = ((len(targets),), (room,), (0,))
+            if out_shape[:1] not in rows or (shape is not None and out_shape[1:] != shape):
                 want = [len(targets), *(shape or ("...",))]
                 raise protocol.ProtocolError(f"'{key}' must have shape {want}, got {list(out_shape)}")
             try:
@@ -373,12 +377,24 @@ class WorkerServer:
                        session=message.get("session"), **kwargs)
 
     @staticmethod
-    def _write_outputs(result, targets, outputs):
+    def _slots(result, targets, outputs) -> list[str]:
+        """Rows of the output block: the targets, then the masks named after the phrases of a text answer, as
+        many as the client made room for (``phrase_masks``); any beyond are dropped and named in the report."""
+        masks = outputs.get("output")
+        room = max(0, (len(masks) if masks is not None else 0) - len(targets))
+        extra = [s.name for s in result.segments if s.name not in targets]
+        if len(extra) > room:
+            result.report["segments_dropped"] = extra[room:]
+            result.segments = [s for s in result.segments if s.name in targets or s.name in extra[:room]]
+        return list(targets) + extra[:room]
+
+    @staticmethod
+    def _write_outputs(result, targets, outputs, slots=None):
         masks = outputs.get("output")
         if masks is not None and len(masks):
             masks[...] = 0
             for seg in result.segments:
-                masks[targets.index(seg.name)] = seg.mask
+                masks[(slots or targets).index(seg.name)] = seg.mask
         probs = outputs.get("probabilities")
         if probs is not None:  # the block is the client's, reused from job to job: nothing of an old job stays
             probs[...] = 0
