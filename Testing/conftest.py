@@ -185,3 +185,27 @@ def load_model_module(folder: str, name: str = "backend"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def standin_registered(model_id: str):
+    """The test models registered (``worker_test_models``); afterwards ``model_id``'s warm backends in this
+    process are dropped, so a later module loads its own."""
+    with worker_test_models():
+        yield
+    from biomedseg.engine import loading
+
+    for key in [k for k in loading._WARM if k[0] == model_id]:
+        loading._WARM.pop(key)
+
+
+@contextlib.contextmanager
+def worker_client(**kwargs):
+    """A WorkerClient, closed afterwards."""
+    from biomedseg.worker.client import WorkerClient
+
+    client = WorkerClient(**kwargs)
+    try:
+        yield client
+    finally:
+        client.close()

@@ -26,7 +26,7 @@ from biomedseg.catalog import MODELS_DIR, get_model
 from biomedseg.errors import InputError
 from biomedseg.prompts import PromptSet
 from biomedseg.volume import Volume
-from conftest import WORKER_MODELS, load_model_module, worker_test_models
+from conftest import WORKER_MODELS, load_model_module, standin_registered, worker_client
 from geometry_cases import affine, reoriented, rotation
 
 STANDIN = "biomedparse-v2-standin"
@@ -89,21 +89,14 @@ def expected_bands(volume: Volume) -> tuple[dict, list]:
 
 @pytest.fixture(scope="module")
 def standin():
-    with worker_test_models():
+    with standin_registered(STANDIN):
         yield
-    from biomedseg.engine import loading
-
-    for key in [k for k in loading._WARM if k[0] == STANDIN]:
-        loading._WARM.pop(key)
 
 
 @pytest.fixture(scope="module")
 def client(standin):
-    from biomedseg.worker.client import WorkerClient
-
-    c = WorkerClient()
-    yield c
-    c.close()
+    with worker_client() as c:
+        yield c
 
 
 def storages():

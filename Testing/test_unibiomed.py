@@ -29,7 +29,7 @@ from biomedseg.errors import DependencyMissingError, InputError
 from biomedseg.models.unibiomed import frames as fr
 from biomedseg.models.unibiomed.prompting import build_request, parse_answer, segment_names, sentence_findings
 from biomedseg.volume import Volume
-from conftest import worker_test_models
+from conftest import standin_registered, worker_client
 from geometry_cases import affine, reoriented, rotation
 
 STANDIN = "unibiomed-standin"
@@ -71,21 +71,14 @@ STORAGES = storages()
 
 @pytest.fixture(scope="module")
 def standin():
-    with worker_test_models():
+    with standin_registered(STANDIN):
         yield
-    from biomedseg.engine import loading
-
-    for key in [k for k in loading._WARM if k[0] == STANDIN]:
-        loading._WARM.pop(key)
 
 
 @pytest.fixture(scope="module")
 def client(standin):
-    from biomedseg.worker.client import WorkerClient
-
-    c = WorkerClient()
-    yield c
-    c.close()
+    with worker_client() as c:
+        yield c
 
 
 # ---- (1) requests and answers ------------------------------------------------------------------
