@@ -230,6 +230,28 @@ def test_each_slice_sees_its_patient_neighbours_with_the_authors_edge_rule(backe
             assert np.take(mask, i, axis=axis).any() == bright[source[i]], (plane, prompt, i)
 
 
+@pytest.mark.parametrize("plane", list(PLANES))
+def test_a_slice_range_packs_its_edge_slices_with_their_true_neighbours(standin, plane):
+    """Through the engine: the slices of a --slice-range get the existence and masks they get in a run on the
+    whole image (their outer neighbours come from the image); only the image's own edges use the authors' rule."""
+    from biomedseg.geometry import make_region
+
+    axis = PLANES[plane][0]
+    volume = slab_volume(axis, [1, 0, 0, 1, 1, 0, 1, 0])
+    whole = segment(volume, ["previous", "next"], options={"cache": False}, region=make_region(plane))
+    region = make_region(plane, (1, 3))  # array indices along the plane's axis, inside the image
+    part = segment(volume, ["previous", "next"], options={"cache": False}, region=region)
+    inside = [slice(None)] * 3
+    inside[axis] = slice(1, 4)
+    for prompt in ("previous", "next"):
+        assert part.report["existence"][prompt] == whole.report["existence"][prompt][1:4], (plane, prompt)
+        got = next((s.mask for s in part.segments if s.name == prompt), np.zeros(volume.shape, bool))
+        want = next((s.mask for s in whole.segments if s.name == prompt), np.zeros(volume.shape, bool))
+        assert np.array_equal(got[tuple(inside)], want[tuple(inside)]), (plane, prompt)
+        assert not np.delete(got, [1, 2, 3], axis=axis).any()  # nothing written outside the range
+    assert part.report["context_slices"] == 2
+
+
 def test_a_single_slice_is_its_own_neighbour(backend):
     array = np.full((1, 12, 12), 1000, np.int16)
     array[0, 0, 0] = -1000  # air somewhere, so the window's min-max is not a constant

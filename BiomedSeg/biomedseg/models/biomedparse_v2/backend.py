@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from biomedseg.errors import CancelledError, InputError
+from biomedseg.geometry import Crop, crop_volume
 from biomedseg.imaging_guess import guess_modality
 from biomedseg.models.base import Backend, LoadContext, Plan
 from biomedseg.models.biomedparse import targets as v1_targets
@@ -100,6 +101,24 @@ class _Network:
         return self.postprocess.slice_nms(probs, existence, iou_threshold=NMS_IOU, score_threshold=threshold)
 
 
+def with_neighbours(volume: Volume, whole: Volume | None, orient, plane: str) -> tuple[Volume, int, int]:
+    """(the region with the slice the whole image has on each side of it along the slice axis, context slices
+    before and after it in display order): a slice range's first and last slice are packed with their true
+    neighbours, as in a run on the whole image; only at the image's own edges does the authors' rule apply."""
+    box = volume.meta.get("cropped_from")
+    if box is None or whole is None:
+        return volume, 0, 0
+    axis = orient.slice_axis
+    start, stop = [int(b[0]) for b in box], [int(b[1]) for b in box]
+    lo, hi = max(0, start[axis] - 1), min(whole.shape[axis], stop[axis] + 1)
+    below, above = start[axis] - lo, hi - stop[axis]
+    if not (below or above):
+        return volume, 0, 0
+    start[axis], stop[axis] = lo, hi
+    extended = crop_volume(whole, Crop(tuple(start), tuple(stop)))
+    return (extended, above, below) if extended.slice_orientation(plane).flip_slices else (extended, below, above)
+
+
 @dataclass
 class Settings:
     """Everything one run will use, settled and checked by ``plan`` before any heavy work."""
@@ -116,6 +135,8 @@ class Settings:
     threshold: float
     seed: int
     cache: bool
+    #: the whole image ``plan`` was given: a region's first and last slice take their true neighbours from it
+    whole: Volume | None = None
 
     def context(self) -> dict:
         """What the features depend on (the feature cache's key, with the voxels, plane and batch size)."""
@@ -176,7 +197,7 @@ class BiomedParseV2Backend(Backend):
         batch = int(next(iter(given.values()), DEFAULT_BATCH))
         seed = int(options.get("seed") or 0)
         settings = Settings(modality, modality_source, site, site_source, ct_window, window, bounds, rule, plane,
-                            threshold, seed, options.get("cache") is not False)
+                            threshold, seed, options.get("cache") is not False, volume)
         report = {"modality": modality, "modality_source": modality_source, "site": site, "site_source": site_source,
                   "window": list(window) if window else None, "intensity_rule": rule,
                   "intensity_bounds": list(bounds) if bounds else None, "plane": plane, "image_size": MODEL_SIZE,
@@ -225,21 +246,23 @@ class BiomedParseV2Backend(Backend):
         if cancelled():
             raise CancelledError("Segmentation was cancelled; nothing was written.")
         orient = volume.slice_orientation(settings.plane)
-        display = orient.to_display(volume.grayscale())  # (n, rows, cols) view
-        n, rows, cols = display.shape
+        source, lead, trail = with_neighbours(volume, settings.whole, orient, settings.plane)
+        display = source.slice_orientation(settings.plane).to_display(source.grayscale())  # (lead + n + trail, ...)
+        total, rows, cols = display.shape
+        n = total - lead - trail
         batch = max(1, int(plan.batch_size or DEFAULT_BATCH))
-        store, cache_note = self._store(volume, settings, n, batch)
+        store, cache_note = self._store(source, settings, total, batch)
         net = self.network
-        out = {p: np.zeros((n, rows, cols), np.float32) for p in texts}
-        exist = np.zeros((n, len(texts)), np.float64)
-        flags = {name: np.zeros((n, len(texts)), bool) for name in ("passed", "kept", "drawn")}
+        out = {p: np.zeros((total, rows, cols), np.float32) for p in texts}
+        exist = np.zeros((total, len(texts)), np.float64)
+        flags = {name: np.zeros((total, len(texts)), bool) for name in ("passed", "kept", "drawn")}
         resized, encoded_before = None, self.encoded_slices
-        progress("BiomedParse v2: slices", 0, n)
+        progress("BiomedParse v2: slices", 0, total)
         with torch.no_grad():
             tokens = self.inference.prompt_tokens(texts)
             sampler = net.sampler(settings.seed)
-            for start in range(0, n, batch):
-                stop = min(start + batch, n)
+            for start in range(0, total, batch):
+                stop = min(start + batch, total)
                 if cancelled():
                     raise CancelledError("Segmentation was cancelled; nothing was written.")
                 features = store["chunks"].get(start) if store is not None else None
@@ -266,7 +289,11 @@ class BiomedParseV2Backend(Backend):
                 exist[start:stop] = scores
                 for name, value in batch_flags.items():
                     flags[name][start:stop] = value
-                progress("BiomedParse v2: slices", stop, n)
+                progress("BiomedParse v2: slices", stop, total)
+        inner = slice(lead, total - trail)  # the context slices were encoded for their neighbours only
+        out = {p: maps[inner] for p, maps in out.items()}
+        exist = exist[inner]
+        flags = {name: value[inner] for name, value in flags.items()}
         order = slice(None, None, -1) if orient.flip_slices else slice(None)  # display order -> array order
         absent = self._absences(texts, exist, flags, settings.threshold, n)
         report = {"existence": {p: [round(float(v), 5) for v in exist[order, j]] for j, p in enumerate(texts)},
@@ -274,7 +301,8 @@ class BiomedParseV2Backend(Backend):
                   "kept_slices": {p: int(flags["kept"][:, j].sum()) for j, p in enumerate(texts)},
                   "existence_threshold": settings.threshold, "seed": settings.seed, "slice_batch_size": batch,
                   "postprocess": "slice NMS (IoU 0.5)" if len(texts) > 1 else "existence gate",
-                  "slices": n, "encoded_slices": self.encoded_slices - encoded_before, "cache": cache_note,
+                  "slices": n, "context_slices": lead + trail,
+                  "encoded_slices": self.encoded_slices - encoded_before, "cache": cache_note,
                   "intensity_rule": settings.rule}
         self.last_run = {**plan.report, **report}
         if device_kind(self.device) == "cuda":
