@@ -20,7 +20,7 @@ import numpy as np
 from .errors import ModalityMismatchError
 from .imaging_guess import modality_from_tags, modality_from_voxels, modality_from_words
 from .vocabulary import modality_family, same_modality
-from .volume import Volume
+from .volume import Volume, strided_sample
 
 
 @dataclass
@@ -61,12 +61,11 @@ def decide_modality(volume: Volume, stated: str | None = None) -> ModalityDecisi
 MIN_AIR_FRACTION = 0.005
 
 
-def air_fraction(volume: Volume, most: int = 2_000_000) -> float:
-    """Share of (at most ``most`` strided) voxels between -1200 and -800."""
-    flat = volume.array.reshape(-1)
-    if flat.size == 0:
+def air_fraction(volume: Volume) -> float:
+    """Share of (strided, ``strided_sample``) voxels between -1200 and -800."""
+    sample = strided_sample(volume.array)
+    if sample.size == 0:
         return 0.0
-    sample = flat[::max(1, flat.size // most)]
     return float(np.count_nonzero((sample >= -1200) & (sample <= -800))) / sample.size
 
 

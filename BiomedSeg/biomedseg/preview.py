@@ -24,7 +24,7 @@ from .errors import InputError
 from .imaging_guess import guess_modality
 from .io.atomic import atomic_write
 from .segments import PALETTE, Segment
-from .volume import SliceOrientation, Volume
+from .volume import SliceOrientation, Volume, strided_sample
 
 #: Height of each of the three panels of a 3D preview (pixels).
 PANEL_HEIGHT = 320
@@ -42,8 +42,6 @@ MAX_ASPECT = 12.0
 CT_SOFT_TISSUE = (-160.0, 240.0)
 #: Percentiles of the body (padding excluded) for images that are not CT.
 PERCENTILES = (1.0, 99.0)
-#: Percentiles are taken over at most this many evenly strided voxels.
-PERCENTILE_SAMPLES = 2 ** 21
 
 MARGIN = 10
 FONT_SIZE = 14
@@ -85,8 +83,7 @@ def display_window(volume: Volume, window: tuple[float, float] | None = None,
         lo, hi = CT_SOFT_TISSUE
         return lo, hi, f"CT soft-tissue window [{lo:g}, {hi:g}] HU"
     values = _colour_values(volume.array) if volume.channels_last else volume.array
-    flat = np.asarray(values).reshape(-1)
-    flat = flat[::max(1, flat.size // PERCENTILE_SAMPLES)].astype(np.float32)
+    flat = strided_sample(values).astype(np.float32)
     body = flat[flat > flat.min()] if flat.size else flat
     if body.size < max(16, flat.size // 100):  # (almost) a constant image: the minimum is the image
         body = flat

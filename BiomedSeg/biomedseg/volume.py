@@ -18,6 +18,18 @@ from .errors import InputError
 #: RAS <-> LPS flip: the same matrix converts both ways.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
+#: Statistics of an image (percentile windows, the share of air) are taken over at most this many voxels,
+#: evenly strided through the array: found in milliseconds, with no float copy of the whole image
+#: (plan runs on every click of an interactive session).
+VOXEL_SAMPLES = 2 ** 21
+
+
+def strided_sample(values, most: int = VOXEL_SAMPLES) -> np.ndarray:
+    """At most about ``most`` values of ``values`` (any shape), evenly strided through it: a flat view."""
+    flat = np.asarray(values).reshape(-1)
+    return flat[::max(1, flat.size // most)]
+
+
 #: Patient directions in RAS coordinates, by the letter radiologists use.
 PATIENT_DIRECTIONS = {
     "R": (1.0, 0.0, 0.0), "L": (-1.0, 0.0, 0.0),
