@@ -23,7 +23,7 @@ from scipy import ndimage
 from .errors import InputError
 from .imaging_guess import guess_modality
 from .io.atomic import atomic_write
-from .segments import PALETTE, Segment
+from .segments import PALETTE, Segment, segment_size
 from .volume import SliceOrientation, Volume, strided_sample
 
 #: Height of each of the three panels of a 3D preview (pixels).
@@ -146,12 +146,10 @@ def pixel_size_note(volume: Volume) -> str:
 
 def legend_line(segment: Segment, volume: Volume) -> str:
     """One legend entry: voxels and mL for a 3D volume, pixels and mm² of the plane for a 2D image."""
-    n = int(np.count_nonzero(segment.mask))
-    if is_2d(volume):
-        row_mm, col_mm = _in_plane_spacing(volume, _orientation_2d(volume))
-        return f"{segment.name}: {n:,} pixels, {n * row_mm * col_mm:,.1f} mm\u00b2"
-    ml = n * float(np.prod(volume.spacing)) / 1000
-    return f"{segment.name}: {n:,} voxels, {ml:,.1f} mL"
+    size = segment_size(volume, int(np.count_nonzero(segment.mask)))
+    if "area_mm2" in size:
+        return f"{segment.name}: {size['voxels']:,} pixels, {size['area_mm2']:,.1f} mm\u00b2"
+    return f"{segment.name}: {size['voxels']:,} voxels, {size['volume_ml']:,.1f} mL"
 
 
 def _panel_size(rows: int, cols: int, row_mm: float, col_mm: float, two_d: bool) -> tuple[int, int, bool]:

@@ -16,19 +16,18 @@ import numpy as np
 from . import __version__
 from .prompts import prompt_to_dict
 from .results import SegmentationResult, jsonable
+from .segments import segment_size
 from .volume import Volume
 
 SCHEMA = "biomedseg.run-report/1"
 
 
 def _size(volume: Volume, voxels: int) -> dict:
-    """Voxels and mL for a volume; mm^2 for a one-slice image (along any axis, as the preview shows it)."""
-    spacing_kji = [float(s) for s in volume.spacing[::-1]]
-    if min(volume.shape) == 1:
-        thin = int(np.argmin(volume.shape))
-        area = float(np.prod([s for axis, s in enumerate(spacing_kji) if axis != thin]))
-        return {"voxels": voxels, "area_mm2": round(voxels * area, 3)}
-    return {"voxels": voxels, "volume_ml": round(voxels * float(np.prod(spacing_kji)) / 1000.0, 4)}
+    """Voxels and mL for a volume; mm^2 for a one-slice image (``segments.segment_size``), rounded."""
+    size = segment_size(volume, voxels)
+    if "area_mm2" in size:
+        return {"voxels": size["voxels"], "area_mm2": round(size["area_mm2"], 3)}
+    return {"voxels": size["voxels"], "volume_ml": round(size["volume_ml"], 4)}
 
 
 def targets_of(result: SegmentationResult, volume: Volume, requested: list[str]) -> list[dict]:

@@ -36,6 +36,17 @@ class Segment:
     extra: dict = field(default_factory=dict)
 
 
+def segment_size(volume, voxels: int) -> dict:
+    """A mask's size: ``voxels`` and ``volume_ml`` for a volume; ``voxels`` and ``area_mm2`` for a one-slice
+    image (along any axis: the area of the plane it lies in). Unrounded; callers round for people."""
+    spacing_kji = [float(s) for s in volume.spacing[::-1]]
+    if min(volume.shape) == 1:
+        thin = int(np.argmin(volume.shape))
+        area = float(np.prod([s for axis, s in enumerate(spacing_kji) if axis != thin]))
+        return {"voxels": int(voxels), "area_mm2": voxels * area}
+    return {"voxels": int(voxels), "volume_ml": voxels * float(np.prod(spacing_kji)) / 1000.0}
+
+
 @lru_cache(maxsize=1)
 def _terminology_table() -> dict:
     text = resources.files("biomedseg.resources").joinpath("terminology.json").read_text()
