@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .modality_guard import check_modality
 from .prompts import TextPrompt
-from .vocabulary import is_listed, target_warnings
+from .vocabulary import free_text_warnings, target_warnings
 from .volume import Volume
 
 
@@ -24,9 +24,7 @@ def decide(entry, volume: Volume, prompts, options: dict | None, *, force: bool 
     # a guess that guesses ("MRI-like", "a colour image: pathology or fundus or ...") names no modality to warn about
     sure = decision.certain and not (decision.source == "intensities" and volume.channels_last)
     warnings = list(decision.warnings) + (target_warnings(entry, texts, decision.modality) if sure else [])
-    if free_text:
-        unknown = [t for t in texts if not is_listed(entry, t)]
-        warnings += [f"'{t}' is not among {entry.title}'s targets; sent as free text (--free-text)." for t in unknown]
+    warnings += free_text_warnings(entry, texts, free_text)
     return {"modality": decision.to_dict(), "site": options.get("site"), "force": bool(force),
             "free_text": bool(free_text), "warnings": warnings}
 

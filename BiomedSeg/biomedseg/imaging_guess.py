@@ -52,6 +52,11 @@ def modality_from_voxels(volume: Volume) -> tuple[str, str]:
     return "MRI", "MRI-like intensities (sequence unknown)"
 
 
+def tag_reason(code, description: str | None = None) -> str:
+    """How a modality read from DICOM tags is said: "DICOM modality MR ('t2_tse')"."""
+    return f"DICOM modality {str(code).strip()}" + (f" ('{description}')" if description else "")
+
+
 def guess_modality(volume: Volume, tags: dict | None = None) -> tuple[str, str]:
     """(modality, why): from ``tags`` (default: what the reader put in ``volume.meta``), else the voxels."""
     tags = tags if tags is not None else volume.meta
@@ -59,7 +64,7 @@ def guess_modality(volume: Volume, tags: dict | None = None) -> tuple[str, str]:
     description = tags.get("series_description")
     name = modality_from_tags(code, description)
     if name is not None:
-        return name, f"DICOM modality {str(code).strip()}" + (f" ('{description}')" if description else "")
+        return name, tag_reason(code, description)
     name, why = modality_from_voxels(volume)
     if isinstance(code, str) and code.strip():
         why += f" (DICOM modality '{code.strip()}' names no imaging modality)"

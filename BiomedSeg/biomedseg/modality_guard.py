@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ModalityMismatchError
-from .imaging_guess import modality_from_tags, modality_from_voxels, modality_from_words
+from .imaging_guess import modality_from_tags, modality_from_voxels, modality_from_words, tag_reason
 from .vocabulary import modality_family, same_modality
 from .volume import Volume, strided_sample
 
@@ -49,8 +49,7 @@ def decide_modality(volume: Volume, stated: str | None = None) -> ModalityDecisi
     code, description = volume.meta.get("modality"), volume.meta.get("series_description")
     tagged = modality_from_tags(code, description)
     if tagged is not None:
-        why = f"DICOM modality {str(code).strip()}" + (f" ('{description}')" if description else "")
-        return ModalityDecision(tagged, "tags", why, True)
+        return ModalityDecision(tagged, "tags", tag_reason(code, description), True)
     name, why = modality_from_voxels(volume)
     certain = volume.channels_last or (name == "CT" and air_fraction(volume) >= MIN_AIR_FRACTION)
     return ModalityDecision(name, "intensities", why, bool(certain))

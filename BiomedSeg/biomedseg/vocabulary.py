@@ -140,3 +140,10 @@ def is_listed(entry, text: str) -> bool:
     """True when ``text`` names one of the model's targets (or the model lists none)."""
     known = known_targets(entry)
     return not known or fold(text) in known
+
+
+def free_text_warnings(entry, texts: list[str], free_text: bool) -> list[str]:
+    """A sentence for each text sent as free text (``free_text`` on, and not one of the model's targets)."""
+    if not free_text:
+        return []
+    return [f"'{t}' is not among {entry.title}'s targets; sent as free text." for t in texts if not is_listed(entry, t)]

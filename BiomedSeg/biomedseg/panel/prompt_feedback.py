@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..catalog import get_model
 from ..errors import InputError
 from ..imaging_guess import modality_from_words
-from ..vocabulary import check_texts, is_listed, target_warnings
+from ..vocabulary import check_texts, free_text_warnings, target_warnings
 from .state import parse_prompts
 
 
@@ -37,12 +37,10 @@ def prompt_notes(model_id: str, prompt_text: str, modality: str = "", free_text:
         except InputError as err:
             notes.append(PromptNote(prompt, "error", err.message))
             continue
-        warning = target_warnings(entry, [spelled], modality_from_words(modality) or modality or None)
+        warning = (target_warnings(entry, [spelled], modality_from_words(modality) or modality or None)
+                   or free_text_warnings(entry, [spelled], free_text))
         if warning:
             notes.append(PromptNote(prompt, "warning", warning[0]))
-        elif free_text and spelled == prompt and not is_listed(entry, prompt):
-            notes.append(PromptNote(prompt, "warning", f"'{prompt}' is not among the model's targets; it is sent "
-                                                       "as free text."))
         else:
             notes.append(PromptNote(prompt, "ok", f"sent as '{spelled}'" if spelled != prompt else ""))
     return notes
