@@ -100,10 +100,11 @@ def cmd_classify(args) -> int:
 
 
 def _check_paths(args, entry, output: Path) -> list[Path]:
-    """Every path this run will write, checked before anything is read (a bad path costs nothing)."""
-    from ..io.atomic import check_target
+    """The other paths this run will write; every path checked before anything is read (a bad path costs
+    nothing), by ``io.preflight.check_outputs`` without the image (the image's own checks follow it)."""
+    from ..io.preflight import check_outputs
     from ..io.readers import suffix_of
-    from ..io.writers import SEGMENTATION_SUFFIXES, outputs_for
+    from ..io.writers import SEGMENTATION_SUFFIXES
 
     if suffix_of(output) not in SEGMENTATION_SUFFIXES + (".json",):
         raise InputError(f"Output '{output}' must end in one of {', '.join(SEGMENTATION_SUFFIXES + ('.json',))}.")
@@ -117,9 +118,7 @@ def _check_paths(args, entry, output: Path) -> list[Path]:
     if args.probabilities and "masks" not in entry.results:
         raise InputError(f"Model '{args.model}' returns {', '.join(entry.results)}: it has no probabilities to write.")
     others = [Path(p) for p in (args.preview, args.report, args.probabilities) if p]
-    paths = ([output] if suffix_of(output) == ".json" else outputs_for(output)) + others
-    for path in paths:
-        check_target(path, args.overwrite)
+    check_outputs(output, None, overwrite=args.overwrite, others=others)
     return others
 
 
