@@ -63,9 +63,22 @@ class DependencyMissingError(BiomedSegError):
     kind = "dependency_missing"
 
 
+class ServerUnavailableError(BiomedSegError):
+    """A BiomedSeg server cannot be reached, or the connection to it was lost (the run can be retried)."""
+
+    kind = "server_unavailable"
+
+
+class AccessDeniedError(BiomedSegError):
+    """A BiomedSeg server refused the request's token."""
+
+    kind = "access_denied"
+
+
 ERROR_KINDS = {cls.kind: cls for cls in (
     BiomedSegError, InputError, ModalityMismatchError, WeightsMissingError, OutOfMemoryError,
-    CancelledError, WorkerCrashedError, WorkerMismatchError, DependencyMissingError)}
+    CancelledError, WorkerCrashedError, WorkerMismatchError, DependencyMissingError, ServerUnavailableError,
+    AccessDeniedError)}
 
 
 def error_from_dict(data: dict) -> BiomedSegError:

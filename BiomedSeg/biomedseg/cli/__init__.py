@@ -1,4 +1,4 @@
-"""Command line: `biomedseg models | segment | refine | classify | doctor | env`.
+"""Command line: `biomedseg models | segment | refine | classify | doctor | serve | env`.
 
 Errors print one sentence and what to do, with an exit code by kind (2 bad input,
 3 weights or dependencies missing, 4 out of memory, 5 cancelled, 1 anything else).
@@ -16,9 +16,11 @@ from .catalogue import cmd_models
 from .doctor import cmd_doctor, doctor_report, worker_report
 from .environments import add_env_parser
 from .prompt_args import prompts_file, prompts_of
+from .serve import add_serve_parser, add_server_arguments
 from .segment import cmd_classify, cmd_refine, cmd_segment, model_options, region_of
 
-EXIT_CODES = {"bad_input": 2, "wrong_modality": 2, "weights_missing": 3, "dependency_missing": 3, "out_of_memory": 4, "cancelled": 5}
+EXIT_CODES = {"bad_input": 2, "wrong_modality": 2, "weights_missing": 3, "dependency_missing": 3, "out_of_memory": 4, "cancelled": 5,
+              "access_denied": 2, "server_unavailable": 6}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="model option, e.g. template=...")
     p.add_argument("--in-process", action="store_true", help="run in this process instead of the worker")
     p.add_argument("--worker-python", help="Python executable for the worker")
+    add_server_arguments(p)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("doctor", help="report Python, torch, devices, memory and model readiness")
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-python", help="Python executable for the worker to check")
     p.set_defaults(func=cmd_doctor)
 
+    add_serve_parser(sub)  # `serve`: the worker behind HTTP (remote/)
     add_env_parser(sub)  # `env create NAME`: a model's own Python environment (cli/environments.py)
     return parser
 
@@ -127,6 +131,7 @@ def _run_arguments(p) -> None:
                    help="run even when the image is not one of the model's modalities (say why in your notes)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the written paths")
     p.add_argument("-v", "--verbose", action="store_true", help="also print the model's plan, report and weights")
+    add_server_arguments(p)
 
 
 GEOMETRY_FLAGS = ("--box", "--point", "--exclude-point")

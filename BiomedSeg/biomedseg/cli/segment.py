@@ -82,9 +82,9 @@ def cmd_classify(args) -> int:
 
         result = segment(volume, args.model, [TextPrompt(label) for label in labels], **run)
     else:
-        from ..worker.client import WorkerClient
+        from .serve import worker_for
 
-        client = WorkerClient(python=args.worker_python)
+        client = worker_for(args, args.model)
         try:
             result = client.run(volume, args.model, [TextPrompt(label) for label in labels], **run)
         finally:
@@ -128,10 +128,9 @@ def _run(args, volume, prompts, bar, run_options):
 
         return segment(volume, args.model, prompts, progress=bar,
                        keep_probabilities=bool(args.probabilities), **run_options)
-    from ..worker.client import WorkerClient
-    from .environments import worker_python_for
+    from .serve import worker_for
 
-    client = WorkerClient(python=worker_python_for(args.model, args.worker_python))  # a model's own environment
+    client = worker_for(args, args.model)  # the server's, or a local one in the model's own environment
     try:
         return client.run(volume, args.model, prompts, probabilities=bool(args.probabilities),
                           on_progress=lambda job: bar(job.stage, job.done, job.total), **run_options)

@@ -46,23 +46,42 @@ class Job:
         return self.state in ("done", "failed", "cancelled")
 
 
+def result_fields(result: SegmentationResult, index_of) -> dict:
+    """The JSON part of a result (no voxels; ``index_of(name)`` is a segment's mask slot): what crosses the
+    worker pipe and the network alike."""
+    return {"segments": [{"name": s.name, "index": index_of(s.name), "color": list(s.color),
+                          "terminology": s.terminology, "label": s.label} for s in result.segments],
+            "absent": result.absent, "absent_reasons": result.absent_reasons,
+            "absent_details": {t: d.to_dict() for t, d in result.absent_details.items()},
+            "labels": [label.to_dict() for label in result.labels],
+            "findings": [finding.to_dict() for finding in result.findings], "report": result.report,
+            "device": result.device, "device_reason": result.device_reason}
+
+
+def result_from_message(msg: dict, masks: np.ndarray, probabilities: dict, model: str) -> SegmentationResult:
+    """A result from its JSON part (``result_fields``) and the mask slots it points into."""
+    segments = [Segment(s["name"], masks[s["index"]].astype(bool), tuple(s["color"]), s["terminology"],
+                        s.get("label")) for s in msg["segments"]]
+    return SegmentationResult(segments, list(msg.get("absent", [])), model, msg.get("device", ""),
+                              msg.get("device_reason", ""), float(msg.get("seconds", 0.0)), probabilities,
+                              dict(msg.get("absent_reasons") or {}),
+                              [Label.from_dict(x) for x in msg.get("labels") or []],
+                              [Finding.from_dict(x) for x in msg.get("findings") or []],
+                              dict(msg.get("report") or {}),
+                              {t: Absence.from_dict(d) for t, d in (msg.get("absent_details") or {}).items()})
+
+
 def collect_result(job: Job, msg: dict) -> SegmentationResult:
     """Copy the masks (and the probabilities the worker wrote) out of shared memory: the one copy back."""
     block, shape, dtype = job.outputs["output"]
     masks = np.ndarray(shape, dtype, buffer=block.buf)
-    segments = [Segment(s["name"], masks[s["index"]].astype(bool), tuple(s["color"]), s["terminology"],
-                        s.get("label")) for s in msg["segments"]]
     probs = {}
     if "probabilities" in job.outputs:
         pblock, pshape, pdtype = job.outputs["probabilities"]
         arr = np.ndarray(pshape, pdtype, buffer=pblock.buf)
         kept = set(msg.get("probability_targets", job.targets))
         probs = {t: arr[i].copy() for i, t in enumerate(job.targets) if t in kept}
-    del masks
-    return SegmentationResult(segments, list(msg.get("absent", [])), job.model, msg.get("device", ""),
-                              msg.get("device_reason", ""), float(msg.get("seconds", 0.0)), probs,
-                              dict(msg.get("absent_reasons") or {}),
-                              [Label.from_dict(x) for x in msg.get("labels") or []],
-                              [Finding.from_dict(x) for x in msg.get("findings") or []],
-                              dict(msg.get("report") or {}),
-                              {t: Absence.from_dict(d) for t, d in (msg.get("absent_details") or {}).items()})
+    try:
+        return result_from_message(msg, masks, probs, job.model)
+    finally:
+        del masks

@@ -32,6 +32,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import BiomedSegError, CancelledError, DependencyMissingError, InputError
 from . import messages, protocol
+from .jobs import result_fields
 
 log = logging.getLogger("biomedseg.worker")
 
@@ -222,15 +223,8 @@ class WorkerServer:
             slots = self._slots(result, targets, outputs)
             self._write_outputs(result, targets, outputs, slots)
             self.send(protocol.jsonable({
-                "id": job_id, "event": "result", "targets": targets,
-                "segments": [{"name": s.name, "index": slots.index(s.name), "color": list(s.color),
-                              "terminology": s.terminology, "label": s.label} for s in result.segments],
-                "absent": result.absent, "absent_reasons": result.absent_reasons,
-                "absent_details": {t: d.to_dict() for t, d in result.absent_details.items()},
-                "labels": [label.to_dict() for label in result.labels],
-                "findings": [finding.to_dict() for finding in result.findings], "report": result.report,
+                "id": job_id, "event": "result", "targets": targets, **result_fields(result, slots.index),
                 "probability_targets": [t for t in targets if t in result.probabilities],
-                "device": result.device, "device_reason": result.device_reason,
                 "seconds": round(time.monotonic() - started, 3)}))
         except BiomedSegError as err:
             self.send_error(job_id, err)

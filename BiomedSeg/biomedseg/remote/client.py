@@ -1,0 +1,377 @@
+"""``RemoteWorkerClient``: the ``WorkerClient`` interface over HTTP to `biomedseg serve`.
+
+The panel and the CLI use it exactly as the local client: ``submit`` returns a job at once,
+``poll`` (on the caller's thread, from a QTimer in Slicer) runs the callbacks, ``cancel``,
+``wait``, ``run``, ``close_session``, ``request``, ``close``. The network work happens on
+background threads: one sender that uploads and queues this client's jobs in order (so the
+server sees them in the order they were submitted), and one reader per job that follows its
+event stream and downloads its result. Nothing they do touches the caller's objects; they
+only put events in a queue.
+
+Uploads go only when the server lacks the content (``HEAD /v1/arrays/{id}``). What comes back
+is checked: the array's checksum, and its shape against the job's. A lost connection (server
+killed, network down, no keep-alive for ``read_timeout`` seconds) fails the job with a
+``ServerUnavailableError``; the next request starts with a fresh handshake.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import queue
+import threading
+import time
+import uuid
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..errors import (AccessDeniedError, BiomedSegError, CancelledError, DependencyMissingError, InputError,
+                      ServerUnavailableError, WorkerMismatchError, error_from_dict)
+from ..geometry import Region
+from ..prompts import MaskPrompt, prompt_to_dict, targets_of
+from ..results import SegmentationResult
+from ..volume import Volume
+from ..worker.jobs import Job, result_from_message
+from . import arrays, schema, tokens
+
+#: Seconds without a byte from an event stream (the server sends one every second) before the
+#: connection counts as lost.
+READ_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+#: Arrays larger than this are refused on arrival, whatever the server says.
+MAX_RESULT_BYTES = 1 << 36
+
+
+def _requests():
+    try:
+        import requests
+    except ModuleNotFoundError:
+        raise DependencyMissingError("Connecting to a BiomedSeg server needs the package 'requests'.",
+                                     hint="pip install 'biomedseg[remote]'") from None
+    return requests
+
+
+class RemoteWorkerClient:
+    """Same interface as ``worker.client.WorkerClient``; ``url`` is the server's base address."""
+
+    def __init__(self, url: str, token: str | None = None, *, verify: bool | str = True,
+                 read_timeout: float = READ_TIMEOUT_S, log_lines: int = 200):
+        requests = _requests()
+        if not url.startswith(("http://", "https://")):
+            raise InputError(f"Server address '{url}' must start with http:// or https://.")
+        self.url = url.rstrip("/")
+        self.token = tokens.client_token(token)
+        self.verify = verify
+        self.read_timeout = read_timeout
+        self.http = requests.Session()
+        self.log = collections.deque(maxlen=log_lines)
+        self.hello: dict | None = None
+        self.mismatch: WorkerMismatchError | None = None
+        self.sessions: dict[str, tuple] = {}
+        self.known_arrays: set[str] = set()
+        self.worker_pid = None
+        self._ids = itertools.count(1)
+        self._jobs: dict[int, Job] = {}
+        self._events: queue.Queue = queue.Queue()
+        self._outbox: queue.Queue = queue.Queue()
+        self._session_prefix = uuid.uuid4().hex[:12]  # session ids of different clients never collide
+        self._sender = threading.Thread(target=self._send_jobs, daemon=True, name="biomedseg-remote-send")
+        self._sender.start()
+
+    # ---- HTTP ---------------------------------------------------------------------------
+    def _headers(self) -> dict:
+        headers = schema.client_headers()
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def _call(self, method: str, path: str, *, timeout: float = 60.0, ok=(200, 202), **kwargs):
+        requests = _requests()
+        try:
+            response = self.http.request(method, self.url + path, headers=self._headers(), verify=self.verify,
+                                         timeout=(CONNECT_TIMEOUT_S, timeout), **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise ServerUnavailableError(f"The TLS connection to {self.url} failed ({_short(exc)}).",
+                                         hint="Check the server's certificate, or give the CA file it was "
+                                              "signed with.") from None
+        except requests.exceptions.RequestException as exc:
+            self.hello = None
+            raise ServerUnavailableError(f"The BiomedSeg server at {self.url} cannot be reached ({_short(exc)}).",
+                                         hint="Check that `biomedseg serve` runs there and the address is right; "
+                                              "then run again.") from None
+        if response.status_code not in ok:
+            raise self._refusal(response)
+        return response
+
+    def _refusal(self, response) -> BiomedSegError:
+        try:
+            error = error_from_dict(response.json()["error"])
+        except (ValueError, KeyError, TypeError):
+            error = BiomedSegError(f"The server at {self.url} answered {response.status_code} "
+                                   f"({response.text[:200]!r}).", hint="Is this address a BiomedSeg server?")
+        if response.status_code == 401:
+            return AccessDeniedError(error.message, hint=error.hint)
+        if isinstance(error, WorkerMismatchError):
+            self.mismatch = error
+        return error
+
+    def start(self) -> None:
+        """The version handshake, once per connection."""
+        if self.hello is not None:
+            return
+        self.known_arrays.clear()  # a new connection may be a restarted server with an empty store
+        hello = self._call("GET", "/v1/hello", timeout=15).json()
+        problem = schema.mismatch(hello.get("version"), hello.get("api"), __version__, schema.API_VERSION, self.url)
+        if problem is not None:
+            self.mismatch = WorkerMismatchError(problem, hint="Nothing was sent.")
+            raise self.mismatch
+        self.mismatch = None
+        self.hello = hello
+
+    @property
+    def alive(self) -> bool:
+        return self.hello is not None
+
+    # ---- jobs -----------------------------------------------------------------------------
+    def submit(self, volume: Volume | None, model: str, prompts, *, device: str = "auto",
+               threshold: float | None = None, keep_largest: bool | None = None, fill_holes: bool | None = None,
+               weights: str | None = None, options: dict | None = None, probabilities: bool = False,
+               region: Region | None = None, session: str | None = None, free_text: bool = False,
+               force: bool = False, on_progress: Callable | None = None, on_done: Callable | None = None) -> Job:
+        """Queue a job; returns at once (the upload happens on the sender thread)."""
+        from ..catalog import check_prompts
+
+        prompts = check_prompts(model, prompts, free_text)
+        if volume is None and session not in self.sessions:
+            raise InputError("No image was given." if session is None else
+                             f"Session '{session}' is not open here.", hint="Send the image to open it.")
+        shape = tuple(volume.shape) if volume is not None else self.sessions[session]
+        targets = targets_of(prompts)
+        job = Job(next(self._ids), model, prompts, volume, targets, session, on_progress=on_progress, on_done=on_done)
+        job.message = {"model": model, "device": device, "threshold": threshold, "keep_largest": keep_largest,
+                       "fill_holes": fill_holes, "weights": weights, "options": options or {},
+                       "region": region.to_dict() if region is not None else None, "probabilities": bool(probabilities),
+                       "session": f"{self._session_prefix}:{session}" if session is not None else None,
+                       "free_text": bool(free_text), "force": bool(force)}
+        job.outputs["shape"] = shape
+        if session is not None:
+            self.sessions[session] = shape
+        self._jobs[job.id] = job
+        self._outbox.put(job)
+        return job
+
+    def _send_jobs(self) -> None:
+        while True:
+            job = self._outbox.get()
+            if job is None:
+                return
+            if job.cancel_requested_at is not None:
+                self._events.put(("error", job, CancelledError("Segmentation was cancelled; nothing was sent.")))
+                continue
+            try:
+                self.start()
+                remote_id = self._post_job(job)
+            except BiomedSegError as exc:
+                self._events.put(("error", job, exc))
+                continue
+            job.outputs["remote"] = remote_id
+            threading.Thread(target=self._follow, args=(job, remote_id), daemon=True,
+                             name=f"biomedseg-remote-job-{job.id}").start()
+
+    def _post_job(self, job: Job, retry: bool = True) -> str:
+        message = dict(job.message, prompts=[])
+        for prompt in job.prompts:
+            entry = prompt_to_dict(prompt)
+            if isinstance(prompt, MaskPrompt):
+                entry["mask"] = {"array": self._upload(prompt.mask.astype(np.uint8))}
+            message["prompts"].append(entry)
+        if job.volume is not None:
+            volume = job.volume
+            meta = {str(k)[:64]: v[:4096] if isinstance(v, str) else v for k, v in volume.meta.items()
+                    if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+            message["volume"] = {"array": self._upload(volume.array), "ijk_to_ras": volume.ijk_to_ras.ravel().tolist(),
+                                 "name": str(volume.name)[:1000], "channels_last": bool(volume.channels_last),
+                                 "meta": dict(list(meta.items())[:64])}
+        body = json.dumps(message, allow_nan=False).encode()
+        try:
+            return self._call("POST", "/v1/jobs", data=body, timeout=120).json()["job"]
+        except InputError as exc:
+            if not retry or "is not on the server" not in exc.message:
+                raise
+            self.known_arrays.clear()  # the server dropped it from its store since: send again, once
+            return self._post_job(job, retry=False)
+
+    def _upload(self, array: np.ndarray) -> str:
+        key = arrays.content_id(array)
+        if key in self.known_arrays:
+            return key
+        if self._call("HEAD", f"/v1/arrays/{key}", ok=(200, 404), timeout=30).status_code != 200:
+            self._call("PUT", f"/v1/arrays/{key}", data=arrays.pack(array, known_id=key), timeout=600)
+        self.known_arrays.add(key)
+        return key
+
+    def _follow(self, job: Job, remote_id: str) -> None:
+        """Read the job's event stream into the queue; fetch its result. Runs on its own thread."""
+        requests = _requests()
+        try:
+            response = self._call("GET", f"/v1/jobs/{remote_id}/events", stream=True, timeout=self.read_timeout)
+            with response:
+                for line in response.iter_lines(chunk_size=None):
+                    if not line or not line.startswith(b"data:"):
+                        continue
+                    event = json.loads(line[5:])
+                    if event["event"] == "result":
+                        self._events.put(("result", job, self._result(job, remote_id, event)))
+                        return
+                    if event["event"] == "error":
+                        self._events.put(("error", job, error_from_dict(event.get("error") or {})))
+                        return
+                    self._events.put(("event", job, event))
+            raise requests.exceptions.ConnectionError("the event stream ended before the job did")
+        except BiomedSegError as exc:
+            self._events.put(("error", job, exc))
+        except (requests.exceptions.RequestException, ValueError, KeyError) as exc:
+            self.hello = None
+            self._events.put(("error", job, ServerUnavailableError(
+                f"The connection to the BiomedSeg server at {self.url} was lost while the job ran ({_short(exc)}).",
+                hint="Nothing was written. Check that the server runs, then run again.")))
+
+    def _result(self, job: Job, remote_id: str, event: dict) -> SegmentationResult:
+        shape = tuple(event["mask_shape"])
+        if shape[1:] != tuple(job.outputs["shape"]):
+            raise InputError(f"The server's result is {shape[1:]}, not the image's {job.outputs['shape']}.")
+        masks = self._download(remote_id, "masks", shape, np.uint8)
+        probs = {}
+        names = list(event.get("probability_targets") or [])
+        if names:
+            stack = self._download(remote_id, "probabilities", (len(names), *shape[1:]), np.float32)
+            probs = {name: stack[i] for i, name in enumerate(names)}
+        try:
+            self._call("DELETE", f"/v1/jobs/{remote_id}", timeout=30)
+        except BiomedSegError:
+            pass  # the server drops old jobs by itself
+        return result_from_message(event, masks, probs, job.model)
+
+    def _download(self, remote_id: str, what: str, shape: tuple, dtype) -> np.ndarray:
+        body = self._call("GET", f"/v1/jobs/{remote_id}/{what}", timeout=600).content
+        try:
+            array, _ = arrays.unpack(body, MAX_RESULT_BYTES)
+        except arrays.ArrayFormatError as exc:
+            raise ServerUnavailableError(f"The server's {what} arrived damaged ({exc}).",
+                                         hint="Run again; if it repeats, report it.") from None
+        if array.shape != shape or array.dtype != np.dtype(dtype):
+            raise ServerUnavailableError(f"The server sent {what} of {array.shape} {array.dtype}, expected "
+                                         f"{shape} {np.dtype(dtype).name}.", hint="Is the server the same version?")
+        return array
+
+    def cancel(self, job: Job) -> None:
+        if job.finished or job.cancel_requested_at is not None:
+            return
+        job.cancel_requested_at = time.monotonic()
+        remote_id = job.outputs.get("remote")
+        if remote_id is not None:
+            try:
+                self._call("POST", f"/v1/jobs/{remote_id}/cancel", timeout=10)
+            except BiomedSegError as exc:
+                self.log.append(f"[client] cancel: {exc}")
+
+    # ---- receiving --------------------------------------------------------------------------
+    def poll(self, timeout: float = 0.0) -> int:
+        """Handle what the background threads received; call often (QTimer) or with a timeout."""
+        handled = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, deadline - time.monotonic()) if handled == 0 else 0.0
+            try:
+                kind, job, payload = self._events.get(timeout=wait) if wait > 0 else self._events.get_nowait()
+            except queue.Empty:
+                return handled
+            handled += 1
+            if job.finished:
+                continue
+            if kind == "event":
+                self._on_event(job, payload)
+            elif kind == "result":
+                self._finish(job, result=payload)
+            else:
+                if job.cancel_requested_at is not None and not isinstance(payload, CancelledError):
+                    payload = CancelledError("Segmentation was cancelled; nothing was written.")
+                self._finish(job, error=payload)
+
+    def _on_event(self, job: Job, event: dict) -> None:
+        if event["event"] == "progress":
+            job.state = "running"
+            job.stage, job.done, job.total = event["stage"], event["done"], event["total"]
+            job.elapsed, job.eta = event.get("elapsed", 0.0), event.get("eta")
+        elif event["event"] == "running":
+            job.state = "running"
+        if job.on_progress:
+            job.on_progress(job)
+
+    def _finish(self, job: Job, result: SegmentationResult | None = None, error: BiomedSegError | None = None):
+        if error is not None:
+            job.error = error
+            job.state = "cancelled" if isinstance(error, CancelledError) else "failed"
+            if job.session is not None and job.volume is not None:
+                self.sessions.pop(job.session, None)
+        else:
+            job.result = result
+            job.state = "done"
+        self._jobs.pop(job.id, None)
+        if job.on_done:
+            job.on_done(job)
+
+    # ---- blocking conveniences ----------------------------------------------------------------
+    def wait(self, job: Job, timeout: float | None = None) -> SegmentationResult:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not job.finished:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job.id} did not finish within {timeout} s")
+            self.poll(timeout=0.1)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def run(self, volume: Volume, model: str, prompts, timeout: float | None = None, **kwargs) -> SegmentationResult:
+        """Submit and wait (CLI). Ctrl-C cancels the job on the server before re-raising."""
+        job = self.submit(volume, model, prompts, **kwargs)
+        try:
+            return self.wait(job, timeout)
+        except KeyboardInterrupt:
+            self.cancel(job)
+            raise
+
+    def request(self, op: str, timeout: float = 30.0, **fields) -> dict:
+        """``ping``, ``status`` and ``unload``, as the local client answers them."""
+        self.start()
+        if op == "ping":
+            return {"event": "pong", "server": self.url, "version": self.hello.get("version")}
+        if op == "status":
+            return {"event": "status", **self._call("GET", "/v1/status", timeout=timeout).json()}
+        if op == "unload":
+            self._call("POST", "/v1/unload", timeout=timeout)
+            return {"event": "unloaded"}
+        raise InputError(f"'{op}' is not a request a server answers.")
+
+    def close_session(self, session: str) -> bool:
+        known = self.sessions.pop(session, None) is not None
+        if self.hello is None:
+            return known
+        remote = f"{self._session_prefix}:{session}"
+        return bool(self._call("DELETE", f"/v1/sessions/{remote}", timeout=30).json().get("found"))
+
+    def close(self) -> None:
+        """Cancel this client's unfinished jobs on the server and stop the sender."""
+        for job in list(self._jobs.values()):
+            if not job.finished:
+                self.cancel(job)
+                self._finish(job, error=CancelledError("The client was closed before the job finished."))
+        self._outbox.put(None)
+        self.http.close()
+
+
+def _short(exc) -> str:
+    text = str(exc)
+    return text if len(text) <= 160 else text[:160] + "..."

@@ -1,0 +1,242 @@
+"""The server's side of the worker: one local ``WorkerClient`` shared by every remote client.
+
+Requests from any number of HTTP clients become jobs of the one warm worker, in the order they
+arrive (the worker runs one at a time), so models and BiomedParse's feature cache stay loaded
+across requests and clients. ``WorkerClient`` is not thread-safe: every call into it holds
+``lock``, and one pump thread polls it and turns its callbacks into each job's event list,
+which the event streams read. Volumes live in a content-addressed store, so a volume a client
+sent once is not sent again. Finished jobs keep their result until fetched and deleted, or
+until they are among the oldest beyond ``KEEP_FINISHED``.
+"""
+from __future__ import annotations
+
+import collections
+import secrets
+import threading
+import time
+
+import numpy as np
+
+from ..errors import InputError
+from ..prompts import prompt_from_dict
+from ..results import jsonable
+from ..volume import Volume
+from ..worker.client import WorkerClient
+from ..worker.jobs import result_fields
+from . import arrays
+
+#: Finished jobs whose results are kept for their clients to fetch.
+KEEP_FINISHED = 64
+#: A job whose event stream closed before it finished is cancelled unless a stream returns this soon.
+ABANDONED_AFTER_S = 10.0
+
+
+class ArrayStore:
+    """Arrays by content id, least recently used dropped beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.items: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        with self.lock:
+            self.items[key] = array
+            self.items.move_to_end(key)
+            while len(self.items) > 1 and sum(a.nbytes for a in self.items.values()) > self.max_bytes:
+                self.items.popitem(last=False)
+
+    def get(self, key: str) -> np.ndarray:
+        with self.lock:
+            array = self.items.get(key)
+            if array is None:
+                raise KeyError(key)
+            self.items.move_to_end(key)
+            return array
+
+    def __contains__(self, key: str) -> bool:
+        with self.lock:
+            return key in self.items
+
+
+class RemoteJob:
+    """A job as the server tracks it: the local job, its events for the streams, its result."""
+
+    def __init__(self, job_id: str, shape: tuple):
+        self.id = job_id
+        self.shape = shape
+        self.job = None
+        self.events: list[dict] = []
+        self.finished_at: float | None = None
+        self.watchers = 0
+        self.unwatched_at: float | None = None
+        self.packed: dict[str, bytes] = {}
+        self.pack_lock = threading.Lock()
+
+    def add(self, event: dict) -> None:
+        self.events.append(jsonable(event))
+
+
+class Relay:
+    def __init__(self, worker_python: str | None = None, store_bytes: int = 8 << 30, max_array_bytes: int = 4 << 30):
+        self.client = WorkerClient(python=worker_python)
+        self.lock = threading.RLock()
+        self.store = ArrayStore(store_bytes)
+        self.max_array_bytes = max_array_bytes
+        self.jobs: dict[str, RemoteJob] = {}
+        self._worker_status: dict = {}
+        self.running = True
+        self.pump = threading.Thread(target=self._pump, name="biomedseg-relay", daemon=True)
+        self.pump.start()
+
+    # ---- the pump ---------------------------------------------------------------------
+    def _pump(self) -> None:
+        while self.running:
+            with self.lock:
+                handled = self.client.poll(0.0)
+                self._cancel_abandoned()
+            if not handled:
+                time.sleep(0.01)
+
+    def _cancel_abandoned(self) -> None:
+        now = time.monotonic()
+        for rjob in self.jobs.values():
+            if (rjob.job is not None and not rjob.job.finished and rjob.watchers == 0
+                    and rjob.unwatched_at is not None and now - rjob.unwatched_at > ABANDONED_AFTER_S):
+                rjob.unwatched_at = None
+                self.client.cancel(rjob.job)
+
+    def _on_progress(self, rjob: RemoteJob, job) -> None:
+        if job.state == "running" and job.total:
+            rjob.add({"event": "progress", "stage": job.stage, "done": job.done, "total": job.total,
+                      "elapsed": job.elapsed, "eta": job.eta})
+        else:
+            rjob.add({"event": job.state})
+
+    def _on_done(self, rjob: RemoteJob, job) -> None:
+        rjob.finished_at = time.monotonic()
+        if job.error is not None:
+            rjob.add({"event": "error", "error": job.error.to_dict()})
+        else:
+            result = job.result
+            rjob.add({"event": "result", **result_fields(result, [s.name for s in result.segments].index),
+                      "probability_targets": sorted(result.probabilities, key=job.targets.index),
+                      "seconds": result.seconds, "mask_shape": [len(result.segments), *rjob.shape]})
+        self._trim()
+
+    def _trim(self) -> None:
+        finished = sorted((r for r in self.jobs.values() if r.finished_at is not None), key=lambda r: r.finished_at)
+        for rjob in finished[:max(0, len(finished) - KEEP_FINISHED)]:
+            self.jobs.pop(rjob.id, None)
+
+    # ---- requests -----------------------------------------------------------------------
+    def submit(self, request: dict) -> RemoteJob:
+        """Queue the job a checked request (``schema.check_job``) describes; its arrays must be in the store."""
+        volume = None
+        spec = request.get("volume")
+        if spec is not None:
+            array = self._array(spec["array"])
+            volume = Volume(array, np.asarray(spec["ijk_to_ras"], dtype=np.float64).reshape(4, 4),
+                            name=str(spec.get("name", "")), meta=dict(spec.get("meta") or {}),
+                            channels_last=bool(spec.get("channels_last", False)))
+        prompts = []
+        for item in request["prompts"]:
+            mask = self._array(item["mask"]["array"]) if isinstance(item, dict) and "mask" in item else None
+            prompts.append(item if isinstance(item, str) else prompt_from_dict(item, mask))
+        options = {k: request.get(k) for k in ("device", "threshold", "keep_largest", "fill_holes", "weights",
+                                               "options", "session", "free_text", "force")}
+        options["device"] = options["device"] or "auto"
+        options["free_text"], options["force"] = bool(options["free_text"]), bool(options["force"])
+        from ..geometry import Region
+
+        region = Region.from_dict(request["region"]) if request.get("region") else None
+        with self.lock:
+            shape = volume.shape if volume is not None else self.client.sessions.get(options["session"])
+            rjob = RemoteJob(secrets.token_hex(8), tuple(shape) if shape is not None else ())
+            job = self.client.submit(volume, request["model"], prompts, region=region,
+                                     probabilities=bool(request.get("probabilities")),
+                                     on_progress=lambda j: self._on_progress(rjob, j),
+                                     on_done=lambda j: self._on_done(rjob, j), **options)
+            rjob.job = job
+            rjob.add({"event": "queued", "position": sum(1 for r in self.jobs.values()
+                                                         if r.job is not None and not r.job.finished)})
+            self.jobs[rjob.id] = rjob
+        return rjob
+
+    def _array(self, key: str) -> np.ndarray:
+        try:
+            return self.store.get(key)
+        except KeyError:
+            raise InputError(f"Array {key[:12]}... is not on the server.", hint="Upload it first.") from None
+
+    def get(self, job_id: str) -> RemoteJob:
+        rjob = self.jobs.get(job_id)
+        if rjob is None:
+            raise KeyError(job_id)
+        return rjob
+
+    def cancel(self, job_id: str) -> None:
+        rjob = self.get(job_id)
+        with self.lock:
+            if rjob.job is not None and not rjob.job.finished:
+                self.client.cancel(rjob.job)
+
+    def watch(self, rjob: RemoteJob, delta: int) -> None:
+        with self.lock:
+            rjob.watchers += delta
+            rjob.unwatched_at = time.monotonic() if rjob.watchers == 0 else None
+
+    def packed(self, job_id: str, what: str) -> bytes:
+        """A finished job's masks (one uint8 slot per segment) or probabilities (float32, in
+        ``probability_targets`` order), packed once."""
+        rjob = self.get(job_id)
+        job = rjob.job
+        if job is None or not job.finished or job.result is None:
+            raise InputError("The job has no result (yet).", hint="Wait for its result event.")
+        with rjob.pack_lock:
+            if what not in rjob.packed:
+                result = job.result
+                if what == "masks":
+                    array = np.zeros((len(result.segments), *rjob.shape), np.uint8)
+                    for i, segment in enumerate(result.segments):
+                        array[i] = segment.mask
+                else:
+                    names = sorted(result.probabilities, key=job.targets.index)
+                    array = np.stack([result.probabilities[n] for n in names]).astype(np.float32, copy=False) \
+                        if names else np.zeros((0, *rjob.shape), np.float32)
+                rjob.packed[what] = arrays.pack(array)
+            return rjob.packed[what]
+
+    def forget(self, job_id: str) -> None:
+        rjob = self.jobs.pop(job_id, None)
+        if rjob is not None and rjob.job is not None and not rjob.job.finished:
+            with self.lock:
+                self.client.cancel(rjob.job)
+
+    def status(self) -> dict:
+        with self.lock:
+            waiting = [r for r in self.jobs.values() if r.job is not None and not r.job.finished]
+            if self.client.alive and not waiting:  # a busy worker answers only after its job: say what it said last
+                self._worker_status = self.client.request("status", timeout=10)
+            worker = self._worker_status if self.client.alive else {}
+        return {"queued": sum(1 for r in waiting if r.job.state == "queued"),
+                "running": sum(1 for r in waiting if r.job.state == "running"),
+                "warm": worker.get("warm", []), "sessions": worker.get("sessions", []),
+                "worker_pid": self.client.worker_pid if self.client.alive else None,
+                "stored_arrays": len(self.store.items)}
+
+    def unload(self) -> None:
+        with self.lock:
+            if self.client.alive:
+                self.client.request("unload", timeout=60)
+
+    def close_session(self, session: str) -> bool:
+        with self.lock:
+            return self.client.close_session(session)
+
+    def close(self) -> None:
+        """Cancel what is left, stop the worker, release every shared-memory block."""
+        self.running = False
+        self.pump.join(timeout=2)
+        with self.lock:
+            self.client.close()  # unfinished jobs end as cancelled: their streams say so

@@ -1,0 +1,265 @@
+"""`biomedseg serve` and ``RemoteWorkerClient``: real server processes on loopback, real workers behind them.
+
+One server serves most tests (as one would serve many Slicer sessions); the tests that kill or
+stop a server start their own. The stand-in test model (Testing/worker_models/test_model) gives
+slow, cancellable jobs; deepbet gives a real segmentation to compare with the local worker's.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+import numpy as np
+import psutil
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("blosc2")
+requests = pytest.importorskip("requests")
+
+from biomedseg.errors import (AccessDeniedError, CancelledError, InputError, ServerUnavailableError,  # noqa: E402
+                              WorkerMismatchError)
+from biomedseg.remote import arrays, schema  # noqa: E402
+from biomedseg.remote.client import RemoteWorkerClient  # noqa: E402
+from biomedseg.volume import Volume  # noqa: E402
+from biomedseg.worker import protocol  # noqa: E402
+from conftest import worker_client, worker_test_models  # noqa: E402
+from remote_server import ServerProcess  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc = ServerProcess(tmp_path_factory.mktemp("server"), extra=["--max-upload-mb", "16", "--max-array-mb", "64"])
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def remote(server):
+    with worker_test_models():  # the test model's catalogue entry on this side too (prompt checks)
+        client = RemoteWorkerClient(server.url, server.token)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+def small_volume(seed: int = 0, shape=(24, 28, 32)) -> Volume:
+    rng = np.random.default_rng(seed)
+    affine = np.array([[0.0, 0.0, -1.2, 20.0], [0.9, 0.0, 0.0, -5.0], [0.0, 1.1, 0.0, 3.0], [0, 0, 0, 1]])
+    return Volume(rng.integers(-50, 200, size=shape).astype(np.int16), affine, name=f"small{seed}")
+
+
+def test_a_segment_through_the_server_equals_the_local_worker_bit_for_bit(remote, colin_path):
+    from biomedseg.io import read_volume
+
+    volume = read_volume(colin_path)
+    remote_result = remote.run(volume, "deepbet", ["brain"], device="cpu", probabilities=True)
+    with worker_client() as local:
+        local_result = local.run(volume, "deepbet", ["brain"], device="cpu", probabilities=True)
+    assert [s.name for s in remote_result.segments] == [s.name for s in local_result.segments] == ["brain"]
+    assert remote_result.segments[0].mask.sum() > 100_000
+    assert np.array_equal(remote_result.segments[0].mask, local_result.segments[0].mask)
+    assert remote_result.segments[0].color == local_result.segments[0].color
+    assert remote_result.segments[0].terminology == local_result.segments[0].terminology
+    assert np.array_equal(remote_result.probabilities["brain"], local_result.probabilities["brain"])
+    assert remote_result.report.get("plan") == local_result.report.get("plan")
+
+
+def test_typed_prompts_options_and_absent_targets_cross_the_network(remote):
+    volume = small_volume(1)
+    result = remote.run(volume, "test-model", ["ball", "bright"], options={"radius": 8.0})
+    with worker_client() as local, worker_test_models():
+        expected = local.run(volume, "test-model", ["ball", "bright"], options={"radius": 8.0})
+    assert [s.name for s in result.segments] == [s.name for s in expected.segments]
+    for got, want in zip(result.segments, expected.segments):
+        assert np.array_equal(got.mask, want.mask)
+    assert result.report["mode"] == "sphere"
+    assert result.absent == expected.absent
+
+
+def test_a_volume_the_server_has_is_not_sent_again(server, remote):
+    volume = small_volume(2)
+    remote.run(volume, "test-model", ["ball"])
+    calls = []
+    with worker_test_models():
+        fresh = RemoteWorkerClient(server.url, server.token)
+        real_call = fresh._call
+        fresh._call = lambda method, path, **kw: calls.append((method, path.split("/")[2])) or real_call(
+            method, path, **kw)
+        try:
+            fresh.run(volume, "test-model", ["ball"])
+        finally:
+            fresh.close()
+    assert ("HEAD", "arrays") in calls
+    assert ("PUT", "arrays") not in calls
+
+
+def test_a_wrong_or_missing_token_gets_401(server):
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": server.token}):
+        response = requests.get(server.url + "/v1/status", headers={**schema.client_headers(), **headers}, timeout=10)
+        assert response.status_code == 401
+        assert response.json()["error"]["kind"] == "access_denied"
+    client = RemoteWorkerClient(server.url, "x" * 43)
+    with pytest.raises(AccessDeniedError, match="refused the token"):
+        client.start()
+    client.close()
+
+
+def test_oversized_bodies_and_decompression_bombs_are_refused(server):
+    headers = {**schema.client_headers(), "Authorization": f"Bearer {server.token}"}
+    noise = np.random.default_rng(0).integers(0, 255, size=(20 << 20,), dtype=np.uint8)  # 20 MB > 16 MB cap
+    body = arrays.pack(noise)
+    response = requests.put(f"{server.url}/v1/arrays/{arrays.content_id(noise)}", data=body, headers=headers,
+                            timeout=60)
+    assert response.status_code == 413
+    zeros = np.zeros((80 << 20,), np.uint8)  # packs to a few kB but is 80 MB > 64 MB once decompressed
+    body = arrays.pack(zeros)
+    assert len(body) < 1 << 20
+    response = requests.put(f"{server.url}/v1/arrays/{arrays.content_id(zeros)}", data=body, headers=headers,
+                            timeout=60)
+    assert response.status_code == 413
+    assert "allowed" in response.json()["error"]["message"]
+    response = requests.post(f"{server.url}/v1/jobs", data=b"{" * (2 << 20), headers=headers, timeout=60)
+    assert response.status_code == 413
+
+
+def test_requests_that_are_not_jobs_are_refused_without_harm(server, remote):
+    headers = {**schema.client_headers(), "Authorization": f"Bearer {server.token}"}
+    bad = [b"not json", b'{"model": "deepbet", "prompts": ["brain"], "volume": {"array": "../etc/passwd", '
+                        b'"ijk_to_ras": [1,0,0,0,0,1,0,0,0,0,1,0,0,0,0,1]}}',
+           b'{"model": "deepbet", "prompts": [], "output_path": "/tmp/x"}',
+           b'{"model": "deepbet", "prompts": ["brain"], "volume": {"array": "' + b"0" * 64 + b'", '
+           b'"ijk_to_ras": [1,0,0,0,0,1,0,0,0,0,1,0,0,0,0,1]}}']
+    for body in bad:
+        response = requests.post(f"{server.url}/v1/jobs", data=body, headers=headers, timeout=30)
+        assert response.status_code == 400, body
+    pickle_like = b"\x80\x04\x95" + b"\x00" * 64
+    key = "0" * 64
+    response = requests.put(f"{server.url}/v1/arrays/{key}", data=pickle_like, headers=headers, timeout=30)
+    assert response.status_code == 400
+    assert remote.run(small_volume(3), "test-model", ["ball"]).segments  # still serving
+
+
+def test_a_damaged_array_is_an_error_not_a_wrong_mask():
+    array = np.arange(5000, dtype=np.int16).reshape(10, 500)
+    body = bytearray(arrays.pack(array))
+    back, header = arrays.unpack(bytes(body), 1 << 20)
+    assert np.array_equal(back, array) and header["shape"] == [10, 500]
+    body[-20] ^= 0xFF
+    with pytest.raises(arrays.ArrayFormatError):
+        arrays.unpack(bytes(body), 1 << 20)
+    with pytest.raises(arrays.ArrayFormatError, match="allowed"):
+        arrays.unpack(arrays.pack(array), 1000)
+    for dtype in ("uint8", "float32", "bool", "uint16", "float64"):
+        a = (np.random.default_rng(1).random((3, 4, 5)) * 100).astype(dtype)
+        assert np.array_equal(arrays.unpack(arrays.pack(a), 1 << 20)[0], a)
+    assert arrays.unpack(arrays.pack(np.zeros((0, 4), np.uint8)), 10)[0].shape == (0, 4)
+
+
+def test_a_mismatched_client_is_told_which_side_to_update(server, monkeypatch):
+    import biomedseg.remote.client as client_module
+
+    for version, side in (("0.0.1", "Update this side"), ("99.0.0", "Update the server")):
+        monkeypatch.setattr(schema, "__version__", version)
+        monkeypatch.setattr(client_module, "__version__", version)
+        client = RemoteWorkerClient(server.url, server.token)
+        with pytest.raises(WorkerMismatchError, match=side):
+            client.start()
+        response = requests.get(server.url + "/v1/status", timeout=10,
+                                headers={**schema.client_headers(), "Authorization": f"Bearer {server.token}"})
+        assert response.status_code == 409 and side in response.json()["error"]["message"]
+        client.close()
+
+
+def test_cancel_stops_the_job_and_the_next_one_runs(remote):
+    job = remote.submit(small_volume(4), "test-model", ["ball"], options={"mode": "slow", "steps": 200, "step_s": 0.05})
+    while job.state != "running":
+        remote.poll(0.1)
+    remote.cancel(job)
+    with pytest.raises(CancelledError):
+        remote.wait(job, timeout=30)
+    assert job.state == "cancelled"
+    assert remote.run(small_volume(5), "test-model", ["ball"], timeout=60).segments
+
+
+def test_twenty_concurrent_clients_queue_and_all_finish(server):
+    results, errors = {}, []
+
+    def one(i):
+        client = RemoteWorkerClient(server.url, server.token)
+        try:
+            results[i] = client.run(small_volume(100 + i, (12, 14, 16)), "test-model", ["ball"],
+                                    options={"radius": 5.0 + i % 3}, timeout=300)
+        except Exception as exc:  # noqa: BLE001 -- collected and shown below
+            errors.append(f"{i}: {exc!r}")
+        finally:
+            client.close()
+
+    with worker_test_models():
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=400)
+        assert not errors, errors
+        assert sorted(results) == list(range(20))
+        with worker_client() as local:
+            for i in (0, 7, 19):
+                want = local.run(small_volume(100 + i, (12, 14, 16)), "test-model", ["ball"],
+                                 options={"radius": 5.0 + i % 3})
+                assert np.array_equal(results[i].segments[0].mask, want.segments[0].mask)
+
+
+def test_a_killed_server_is_a_clear_error_and_the_next_run_works(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    with worker_test_models():
+        client = RemoteWorkerClient(server.url, server.token)
+        job = client.submit(small_volume(6), "test-model", ["ball"], options={"mode": "slow", "steps": 400,
+                                                                              "step_s": 0.05})
+        while job.state != "running":
+            client.poll(0.1)
+        worker_pid = client.request("status")["worker_pid"]
+        server_pid = server.proc.pid
+        server.kill()
+        with pytest.raises(ServerUnavailableError, match="lost") as lost:
+            client.wait(job, timeout=30)
+        assert "run again" in lost.value.hint
+        psutil.wait_procs([psutil.Process(worker_pid)], timeout=10)  # its worker leaves with it (stdin closed)
+        assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+        with pytest.raises(ServerUnavailableError, match="cannot be reached"):
+            client.run(small_volume(7), "test-model", ["ball"], timeout=30)
+        server = ServerProcess(tmp_path, port=server.port).start()  # the same address, a fresh process
+        try:
+            assert client.run(small_volume(7), "test-model", ["ball"], timeout=60).segments
+            assert protocol.list_blocks(server_pid) == []  # the dead server's blocks were swept
+        finally:
+            client.close()
+            server.stop()
+
+
+def test_a_stopped_server_leaves_no_process_or_shared_memory(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    with worker_test_models():
+        client = RemoteWorkerClient(server.url, server.token)
+        client.run(small_volume(8), "test-model", ["ball"], timeout=60)
+        worker_pid = client.request("status")["worker_pid"]
+        client.close()
+    server_pid = server.proc.pid
+    assert protocol.list_blocks(server_pid)  # pooled blocks while it serves
+    assert server.stop() in (0, -signal.SIGTERM)  # uvicorn shuts down, then lets the signal end the process
+    assert protocol.list_blocks(server_pid) == []
+    assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_an_unreachable_server_is_a_clear_error():
+    client = RemoteWorkerClient("http://127.0.0.1:9", "t" * 43)
+    with pytest.raises(ServerUnavailableError, match="cannot be reached"):
+        client.start()
+    job = client.submit(small_volume(9), "deepbet", ["brain"])
+    with pytest.raises(ServerUnavailableError):
+        client.wait(job, timeout=30)
+    client.close()
+    with pytest.raises(InputError, match="http"):
+        RemoteWorkerClient("127.0.0.1:8765")
