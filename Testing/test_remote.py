@@ -263,3 +263,101 @@ def test_an_unreachable_server_is_a_clear_error():
     client.close()
     with pytest.raises(InputError, match="http"):
         RemoteWorkerClient("127.0.0.1:8765")
+
+
+def test_the_cli_segments_through_the_server_as_it_does_locally(server, tmp_path, colin_path, capsys):
+    import nrrd
+
+    from biomedseg.cli import main
+
+    with worker_test_models():
+        common = ["segment", str(colin_path), "--model", "test-model", "--prompt", "ball", "--option", "radius=9", "-q"]
+        assert main(common + ["-o", str(tmp_path / "remote.seg.nrrd"), "--server", server.url,
+                              "--token", server.token, "--report", str(tmp_path / "run.json")]) == 0
+        assert main(common + ["-o", str(tmp_path / "local.seg.nrrd")]) == 0
+        remote, remote_header = nrrd.read(str(tmp_path / "remote.seg.nrrd"))
+        local, local_header = nrrd.read(str(tmp_path / "local.seg.nrrd"))
+        assert remote.any() and np.array_equal(remote, local)
+        assert remote_header["space origin"].tolist() == local_header["space origin"].tolist()
+        capsys.readouterr()
+        # no server there: exit 6 with a sentence; --fallback-local runs here and says so
+        assert main(common + ["-o", str(tmp_path / "x.seg.nrrd"), "--server", "http://127.0.0.1:9",
+                              "--token", "t" * 43]) == 6
+        err = capsys.readouterr().err
+        assert "cannot be reached" in err and "what to do" in err and not (tmp_path / "x.seg.nrrd").exists()
+        assert main(common + ["-o", str(tmp_path / "x.seg.nrrd"), "--server", "http://127.0.0.1:9",
+                              "--token", "t" * 43, "--fallback-local"]) == 0
+        assert "Running with a local worker (--fallback-local)" in capsys.readouterr().err
+        assert main(common + ["-o", str(tmp_path / "y.seg.nrrd"), "--server", server.url, "--in-process"]) == 2
+        assert main(common + ["-o", str(tmp_path / "z.seg.nrrd"), "--server", server.url, "--token", "wrong"]) == 2
+        assert "refused the token" in capsys.readouterr().err
+
+
+def test_the_server_keeps_models_warm_across_cli_calls(server, tmp_path):
+    from biomedseg.cli import main
+
+    with worker_test_models():
+        client = RemoteWorkerClient(server.url, server.token)
+        try:
+            pid = client.request("status")["worker_pid"]
+            for i in range(2):
+                assert main(["segment", str(tmp_path / "in.nii.gz") if i else _write_small(tmp_path), "--model", "test-model",
+                             "--prompt", "ball", "-o", str(tmp_path / f"{i}.seg.nrrd"), "--server", server.url,
+                             "--token", server.token, "-q"]) == 0
+            status = client.request("status")
+        finally:
+            client.close()
+    assert status["worker_pid"] == pid or pid is None  # one worker for every call: nothing restarted
+    assert any(w.get("model") == "test-model" for w in status["warm"]), status["warm"]
+
+
+def _write_small(folder) -> str:
+    from biomedseg.io import write_volume
+
+    return str(write_volume(folder / "in.nii.gz", small_volume(11)))
+
+
+def test_tls_from_the_users_certificate(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl makes the test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = ServerProcess(tmp_path / "cfg", extra=["--cert", str(cert), "--key", str(key)]).start()
+    try:
+        assert server.url.startswith("https://")
+        with worker_test_models():
+            client = RemoteWorkerClient(server.url, server.token, verify=str(cert))
+            try:
+                assert client.run(small_volume(12), "test-model", ["ball"], timeout=60).segments
+            finally:
+                client.close()
+        stranger = RemoteWorkerClient(server.url, server.token)  # the system's CAs do not know this certificate
+        with pytest.raises(ServerUnavailableError, match="TLS"):
+            stranger.start()
+        stranger.close()
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(server.url.replace("https", "http") + "/v1/hello", timeout=5)
+    finally:
+        server.stop()
+
+
+def test_the_token_file_is_made_private_and_a_readable_one_refused(tmp_path):
+    import os
+    import stat
+
+    from biomedseg.remote import tokens
+
+    path = tmp_path / "cfg" / "server-token"
+    token, made = tokens.load_or_create(path)
+    assert made and len(token) >= 40
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert tokens.load_or_create(path) == (token, False)
+    assert tokens.matches(token, f"Bearer {token}") and not tokens.matches(token, f"Bearer {token[:-1]}x")
+    os.chmod(path, 0o644)
+    with pytest.raises(InputError, match="can be read by other users"):
+        tokens.load_or_create(path)

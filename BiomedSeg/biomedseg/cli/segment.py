@@ -73,6 +73,9 @@ def cmd_classify(args) -> int:
     if len(labels) < 2:
         raise InputError("classify needs at least two labels to choose between.",
                          hint='e.g. --labels "adenocarcinoma histopathology" "squamous cell carcinoma histopathology"')
+    from .serve import check_where
+
+    check_where(args)
     options = model_options(args)
     options.setdefault("task", "classify")
     volume = read_volume(args.input, series_uid=args.series_uid)
@@ -149,6 +152,9 @@ def cmd_segment(args, refine=None) -> int:
     from ..io.writers import write_result_json
     from ..run_report import build_report, ct_window, report_lines
 
+    from .serve import check_where
+
+    check_where(args)
     output = Path(args.output)
     if args.weights is not None and not args.weights.strip():  # "$W" with W unset: never the default instead
         raise InputError("--weights is empty.", hint="Give the checkpoint file or folder, or leave --weights out.")

@@ -43,6 +43,14 @@ def add_server_arguments(p) -> None:
                    help="when the server cannot be reached, run with a local worker instead (said on stderr)")
 
 
+def check_where(args) -> None:
+    """--server and --in-process name two different places to run: refuse the pair before anything is read."""
+    if getattr(args, "server", None) and getattr(args, "in_process", False):
+        from ..errors import InputError
+
+        raise InputError("--server and --in-process cannot be used together.", hint="Choose where the model runs.")
+
+
 def worker_for(args, model: str):
     """The client a command runs its job with: the server's when --server is given (or a local worker if it
     cannot be reached and --fallback-local asks for that), else a local worker in the model's Python."""

@@ -67,7 +67,9 @@ class PanelController:
         #: Environment for any other Python (a separate environment): see ``isolated_environment``.
         self.isolated_env = isolated_env
         self._client = client
-        self._client_python: str | None = None
+        self._client_key: tuple | None = None
+        #: a sentence the panel shows about where the last run went (a server it could not reach)
+        self.notice = ""
         self._own_client = client is None
         self.terminology_lookup = terminology_lookup
         self.run: _Run | None = None
@@ -77,20 +79,50 @@ class PanelController:
         self.probability_nodes: dict[str, object] = {}
 
     # ---- worker ----
-    def client_for(self, worker_python: str = ""):
+    def client_for(self, worker_python: str = "", state: PanelState | None = None):
+        """The client this run goes through: the server's when ``state.server_url`` is set (a local worker
+        instead, with ``notice`` saying so, only if it cannot be reached and ``state.fallback_local``), else a
+        worker in ``worker_python``. Kept while the choice stays the same."""
+        server = state.server_url.strip() if state is not None else ""
+        if server:
+            key = ("server", server, state.server_token)
+            if self._client is not None and (not self._own_client or key == self._client_key):
+                return self._client
+            remote = self._remote_client(server, state)
+            if remote is not None:
+                return self._use(remote, key)
+        wanted = worker_python or self.default_python or None
+        key = ("local", wanted)
+        if self._client is not None and (not self._own_client or key == self._client_key):
+            return self._client
         from ..worker.client import WorkerClient
 
-        wanted = worker_python or self.default_python or None
-        if self._client is not None and (not self._own_client or wanted == self._client_python):
-            return self._client
-        if self._client is not None:
-            self._client.close()
         foreign = wanted is not None and not any(same_python(wanted, p) for p in
                                                  filter(None, [self.default_python, sys.executable]))
-        self._client = WorkerClient(python=wanted, env=(self.isolated_env or isolated_environment()) if foreign else None)
-        self._client_python = wanted
-        self._own_client = True
-        return self._client
+        return self._use(WorkerClient(python=wanted, env=(self.isolated_env or isolated_environment())
+                                      if foreign else None), key)
+
+    def _remote_client(self, server: str, state: PanelState):
+        from ..errors import ServerUnavailableError
+        from ..remote.client import RemoteWorkerClient
+
+        client = RemoteWorkerClient(server, state.server_token or None)
+        try:
+            client.start()
+        except ServerUnavailableError as exc:
+            client.close()
+            if not state.fallback_local:
+                raise
+            self.notice = f"{exc.message} Running on this computer instead (Run locally if the server is unreachable)."
+            return None
+        self.notice = ""
+        return client
+
+    def _use(self, client, key):
+        if self._client is not None and self._own_client:
+            self._client.close()
+        self._client, self._client_key, self._own_client = client, key, True
+        return client
 
     def close(self) -> None:
         if self.run is not None:
@@ -144,7 +176,7 @@ class PanelController:
         ``retry(error)`` may return a job to run instead of reporting a failure (a session the worker lost)."""
         if self.run is not None:
             raise InputError("A segmentation is already running.", hint="Wait for it or press Cancel.")
-        client = self.client_for(state.worker_python)
+        client = self.client_for(state.worker_python, state)
         job = client.submit(request.volume if send_volume else None, request.model, request.prompts, session=session,
                             **request.kwargs)
         self.run = _Run(job, request, volume_node, segmentation_node, state, apply=apply, retry=retry)

@@ -322,7 +322,7 @@ class CorrectionController:
         if s.segment_id and s.has_result and slicer_bridge.is_segment_locked(s.segmentation_node, s.segment_id):
             raise InputError(f"Segment '{s.name}' is locked, so BiomedSeg will not change it.",
                              hint="Unlock it, or start a new segment.")
-        client = self.panel.client_for(state.worker_python)
+        client = self.panel.client_for(state.worker_python, state)
         stamp = slicer_bridge.image_stamp(s.volume_node)
         if s.id in client.sessions and stamp != s.stamp:  # the voxels or the geometry changed: never correct
             client.close_session(s.id)                     # on the image the worker kept

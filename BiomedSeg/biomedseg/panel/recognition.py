@@ -263,8 +263,8 @@ class _Lane(PanelController):
         super().__init__(main.scene)
         self.main = main
 
-    def client_for(self, worker_python: str = ""):
-        self._client, self._own_client = self.main.client_for(worker_python), False
+    def client_for(self, worker_python: str = "", state=None):
+        self._client, self._own_client = self.main.client_for(worker_python, state), False
         return self._client
 
 
@@ -480,7 +480,7 @@ class RecognitionController:
         grid = slicer_bridge.grid_of(node)
         sid = self.session_of(node)
         stamp = self._image_stamp(node) + (tuple(np.round(grid.ijk_to_ras, 6).ravel()), grid.shape)
-        client = self.lane.client_for(state.worker_python)
+        client = self.lane.client_for(state.worker_python, state)
         send = sid not in client.sessions or self._stamps.get(sid) != stamp
         clip_state = replace(state, model=CLIP, prompts=[req.target] if req.kind == "rank" else
                              ([] if req.kind == "recognize" else list(state.prompts)),

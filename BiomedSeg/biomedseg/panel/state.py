@@ -74,6 +74,12 @@ class PanelState:
     device: str = "auto"
     #: Python the worker runs in ('' = the default: Slicer's own Python).
     worker_python: str = ""
+    #: A BiomedSeg server (`biomedseg serve`) to run on instead of the local worker ('' = local), its token
+    #: ('' = $BIOMEDSEG_TOKEN or this machine's token file), and whether to run locally when it cannot be
+    #: reached (a choice the person makes, never a silent switch).
+    server_url: str = ""
+    server_token: str = ""
+    fallback_local: bool = False
     #: Local checkpoint (file or folder) instead of the catalogue's source ('' = none).
     weights: str = ""
     show_3d: bool = True
@@ -97,7 +103,8 @@ def state_from_parameters(p) -> PanelState:
         slice_axis=p.sliceAxis, slice_range=(p.sliceFirst, p.sliceLast) if p.useSliceRange else None,
         threshold=p.threshold, postprocess=p.postprocess, write_mode=p.writeMode, device=p.device,
         worker_python=p.workerPython, weights=p.weightsPath, show_3d=p.show3D,
-        show_probabilities=p.showProbabilities, free_text=getattr(p, "freeText", False))
+        show_probabilities=p.showProbabilities, free_text=getattr(p, "freeText", False),
+        server_url=getattr(p, "serverUrl", ""), fallback_local=getattr(p, "fallbackLocal", False))
 
 
 __all__ = ["SLICE_AXES", "DEVICES", "POSTPROCESS", "WRITE_MODES", "EXPORT_FORMATS", "parse_prompts", "join_prompts",
