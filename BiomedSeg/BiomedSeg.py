@@ -85,6 +85,8 @@ class BiomedSegParameterNode:
     show3D: bool = True
     showProbabilities: bool = False
     freeText: bool = False
+    serverUrl: str = ""  # a `biomedseg serve` address ('' = the local worker); never the token (scenes are shared)
+    fallbackLocal: bool = False
 
 
 # ---- Widget: a thin view ----
@@ -546,9 +548,7 @@ class BiomedSegLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return BiomedSegParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def panelState(p):
-        return panel.state_from_parameters(p)
+    panelState = staticmethod(panel.state_from_parameters)  # the token comes from $BIOMEDSEG_TOKEN or its file
 
     def start(self, p, force=False):
         """Submit the panel's request to the worker (``force``: 'Use anyway' on another modality); returns at once."""

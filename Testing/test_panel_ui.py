@@ -285,8 +285,11 @@ def test_parameter_node_becomes_the_run_request(module_tree):
     assert defaults.threshold == values["threshold"] and defaults.write_mode == values["writeMode"]
 
     values.update(model="biomedparse-v1", prompts="liver, left kidney", useSliceRange=True, sliceFirst=2, sliceLast=5,
-                  threshold=0.3, writeMode="overwrite segments of the same name", device="cpu", sliceAxis="coronal")
+                  threshold=0.3, writeMode="overwrite segments of the same name", device="cpu", sliceAxis="coronal",
+                  serverUrl="https://gpu.example:8765", fallbackLocal=True)
     state = state_from_parameters(SimpleNamespace(**values))
+    assert (state.server_url, state.fallback_local, state.server_token) == ("https://gpu.example:8765", True, "")
+    assert (defaults.server_url, defaults.fallback_local) == ("", False)  # the local worker unless one is named
     assert state.prompts == ["liver", "left kidney"] and state.slice_range == (2, 5)
     assert (state.threshold, state.device, state.slice_axis) == (0.3, "cpu", "coronal")
     unknown = set(vars(SimpleNamespace(**values))) - set(fields)

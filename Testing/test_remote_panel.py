@@ -76,3 +76,4 @@ def test_an_unreachable_server_is_an_error_unless_local_was_chosen():
         outcome, masks, kind, notice = run_panel(panel.PanelState(fallback_local=True, **state), volume)
     assert kind is WorkerClient and "Running on this computer instead" in notice
     assert outcome.state == "done" and masks["target"].any()
+    assert "cannot be reached" in outcome.summary  # the panel's result line says where it ran

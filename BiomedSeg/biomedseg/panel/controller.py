@@ -251,6 +251,7 @@ class PanelController:
             time.sleep(interval)
 
     def _finish(self, outcome: RunOutcome) -> PollResult:
+        outcome.notice = outcome.notice or self.notice
         self.run = None
         self.last_outcome = outcome
         return PollResult(Progress(100 if outcome.state == "done" else 0, outcome.summary), outcome)

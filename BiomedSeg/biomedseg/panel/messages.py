@@ -125,9 +125,15 @@ class RunOutcome:
     report: dict = field(default_factory=dict)
     #: the result's own name of each written segment (``names`` may differ: 'liver 2' when 'liver' was taken)
     result_names: list[str] = field(default_factory=list)
+    #: where the run went when that was not where the person asked (a server it could not reach)
+    notice: str = ""
 
     @property
     def summary(self) -> str:
+        text = self._summary()
+        return f"{text} {self.notice}" if self.notice else text
+
+    def _summary(self) -> str:
         if self.state == "cancelled":
             return "Cancelled; nothing was changed."
         if self.state == "failed":

@@ -12,6 +12,7 @@ their header passed ``remote.arrays``' checks against the decompressed-size cap.
   POST   /v1/unload                  free the worker's models and sessions
   HEAD   /v1/arrays/{id}             200 when the server holds that content, else 404
   PUT    /v1/arrays/{id}             upload (body: ``remote.arrays.pack``)
+  POST   /v1/echo/{id}?threshold=T   ``array > T`` through the worker (a transport check)
   POST   /v1/jobs                    queue a job (``schema.JOB``), answers its id
   GET    /v1/jobs/{id}/events        server-sent events: queued, progress, result or error
   POST   /v1/jobs/{id}/cancel        cancel (the worker stops within its cancel grace)
@@ -150,6 +151,11 @@ def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> 
             raise InputError("The array's content id is not the one in the address.")
         relay.store.put(key, array)
         return {"stored": key, "nbytes": int(array.nbytes)}
+
+    @app.post("/v1/echo/{key}", dependencies=ready)
+    async def echo(key: str, threshold: float = 0.0):
+        body = await run_in_threadpool(relay.echo, _content_id(key), float(threshold))
+        return Response(body, media_type="application/octet-stream")
 
     @app.post("/v1/jobs", dependencies=ready)
     async def submit(request: Request):

@@ -355,6 +355,17 @@ class RemoteWorkerClient:
             return {"event": "unloaded"}
         raise InputError(f"'{op}' is not a request a server answers.")
 
+    def echo(self, array: np.ndarray, threshold: float = 0) -> np.ndarray:
+        """Send ``array`` (unless the server has it) and get ``array > threshold`` back as uint8, computed by the
+        server's worker: the transport alone, as ``WorkerClient.echo`` checks the local one."""
+        self.start()
+        key = self._upload(np.ascontiguousarray(array))
+        body = self._call("POST", f"/v1/echo/{key}", params={"threshold": threshold}, timeout=600).content
+        labels, _ = arrays.unpack(body, MAX_RESULT_BYTES)
+        if labels.shape != array.shape:
+            raise ServerUnavailableError(f"The server's echo is {labels.shape}, not {array.shape}.")
+        return labels
+
     def close_session(self, session: str) -> bool:
         known = self.sessions.pop(session, None) is not None
         if self.hello is None:

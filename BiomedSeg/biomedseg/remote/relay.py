@@ -207,6 +207,14 @@ class Relay:
                 rjob.packed[what] = arrays.pack(array)
             return rjob.packed[what]
 
+    def echo(self, key: str, threshold: float) -> bytes:
+        """Transport check: ``array > threshold`` computed by the worker through shared memory, packed: the
+        whole remote path with a trivial computation (``bench/remote.py``, a user's doctor run)."""
+        array = self._array(key)
+        with self.lock:
+            labels = self.client.echo(array, threshold)
+        return arrays.pack(labels)
+
     def forget(self, job_id: str) -> None:
         rjob = self.jobs.pop(job_id, None)
         if rjob is not None and rjob.job is not None and not rjob.job.finished:
