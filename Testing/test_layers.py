@@ -10,7 +10,8 @@ Bottom to top (a module may import its own group and groups of a lower rank only
   4 worker   worker/
   4 bridge   slicer_bridge/               (the only engine package that touches MRML)
   5 panel    panel/, panel_logic
-  5 cli      cli
+  5 batch    batch/                       (cohorts: a warm worker or Ray tasks, the summary)
+  6 cli      cli
 and, on top, BiomedSeg.py (the Slicer module) with BiomedSegLib/ (its Slicer-side helpers). Also checked: no import cycle between files;
 slicer, qt, vtk, ctk and PySide only in slicer_bridge and BiomedSeg.py; torch at module level
 only under models/; no torch import at all in what the Slicer process imports (core, io, the
@@ -40,7 +41,8 @@ LAYERS = {
     "worker": (4, ["worker"]),
     "bridge": (4, ["slicer_bridge"]),
     "panel": (5, ["panel", "panel_logic"]),
-    "cli": (5, ["cli"]),
+    "batch": (5, ["batch"]),
+    "cli": (6, ["cli"]),
 }
 SLICER_LIBRARIES = {"slicer", "qt", "vtk", "vtkmodules", "ctk", "PySide2", "PySide6", "PythonQt", "mrml"}
 #: what the Slicer process imports: none of it may import torch, not even lazily

@@ -1,4 +1,4 @@
-"""Command line: `biomedseg models | segment | refine | classify | doctor | serve | env`.
+"""Command line: `biomedseg models | segment | refine | classify | doctor | serve | batch | env`.
 
 Errors print one sentence and what to do, with an exit code by kind (2 bad input,
 3 weights or dependencies missing, 4 out of memory, 5 cancelled, 1 anything else).
@@ -12,6 +12,7 @@ import sys
 
 from .. import __version__
 from ..errors import BiomedSegError
+from .batch import add_batch_parser
 from .catalogue import cmd_models
 from .doctor import cmd_doctor, doctor_report, worker_report
 from .environments import add_env_parser
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     add_serve_parser(sub)  # `serve`: the worker behind HTTP (remote/)
+    add_batch_parser(sub)  # `batch`: a cohort, locally or on a Ray cluster (cli/batch.py, batch/)
     add_env_parser(sub)  # `env create NAME`: a model's own Python environment (cli/environments.py)
     return parser
 
