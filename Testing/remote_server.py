@@ -11,6 +11,8 @@ from pathlib import Path
 from conftest import WORKER_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the models a test server knows: the controllable test models and the interactive toy
+SERVER_MODELS = os.pathsep.join([str(WORKER_MODELS), str(Path(__file__).parent / "toy_models" / "click_session")])
 
 
 class ServerProcess:
@@ -25,7 +27,7 @@ class ServerProcess:
         self.lines: list[str] = []
 
     def start(self, timeout: float = 60.0) -> "ServerProcess":
-        env = dict(os.environ, BIOMEDSEG_CONFIG_DIR=str(self.config_dir), BIOMEDSEG_EXTRA_MODELS=str(WORKER_MODELS),
+        env = dict(os.environ, BIOMEDSEG_CONFIG_DIR=str(self.config_dir), BIOMEDSEG_EXTRA_MODELS=SERVER_MODELS,
                    PYTHONPATH=str(ROOT / "BiomedSeg"), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "biomedseg.cli", "serve", "--port", str(self.port),
                                       *self.extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,

@@ -9,9 +9,10 @@ Bottom to top (a module may import its own group and groups of a lower rank only
   3 engine   catalog, engine/
   4 worker   worker/
   4 bridge   slicer_bridge/               (the only engine package that touches MRML)
-  5 panel    panel/, panel_logic
-  5 batch    batch/                       (cohorts: a warm worker or Ray tasks, the summary)
-  6 cli      cli
+  5 remote   remote/                      (the worker behind HTTP, and its client)
+  6 panel    panel/, panel_logic
+  6 batch    batch/                       (cohorts: a warm worker or Ray tasks, the summary)
+  7 cli      cli
 and, on top, BiomedSeg.py (the Slicer module) with BiomedSegLib/ (its Slicer-side helpers). Also checked: no import cycle between files;
 slicer, qt, vtk, ctk and PySide only in slicer_bridge and BiomedSeg.py; torch at module level
 only under models/; no torch import at all in what the Slicer process imports (core, io, the
@@ -40,14 +41,17 @@ LAYERS = {
     "engine": (3, ["catalog", "engine"]),
     "worker": (4, ["worker"]),
     "bridge": (4, ["slicer_bridge"]),
-    "panel": (5, ["panel", "panel_logic"]),
-    "batch": (5, ["batch"]),
-    "cli": (6, ["cli"]),
+    "remote": (5, ["remote"]),
+    "panel": (6, ["panel", "panel_logic"]),
+    "batch": (6, ["batch"]),
+    "cli": (7, ["cli"]),
 }
 SLICER_LIBRARIES = {"slicer", "qt", "vtk", "vtkmodules", "ctk", "PySide2", "PySide6", "PythonQt", "mrml"}
 #: what the Slicer process imports: none of it may import torch, not even lazily
 SLICER_SIDE_GROUPS = {"core", "io", "bridge", "panel"}
 SLICER_SIDE_MODULES = {"biomedseg.catalog", "biomedseg.worker.client", "biomedseg.worker.protocol",
+                       "biomedseg.remote.client", "biomedseg.remote.arrays", "biomedseg.remote.schema",
+                       "biomedseg.remote.tokens",
                        "biomedseg.worker", "biomedseg.runtime.weights", "biomedseg.runtime"}
 
 

@@ -24,7 +24,7 @@ from biomedseg.remote.client import RemoteWorkerClient  # noqa: E402
 from biomedseg.volume import Volume  # noqa: E402
 from biomedseg.worker import protocol  # noqa: E402
 from conftest import worker_client, worker_test_models  # noqa: E402
-from remote_server import ServerProcess  # noqa: E402
+from remote_server import SERVER_MODELS, ServerProcess  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +361,33 @@ def test_the_token_file_is_made_private_and_a_readable_one_refused(tmp_path):
     os.chmod(path, 0o644)
     with pytest.raises(InputError, match="can be read by other users"):
         tokens.load_or_create(path)
+
+
+def test_an_interactive_session_keeps_its_image_on_the_server(server):
+    from biomedseg.catalog import load_catalog
+    from biomedseg.prompts import PointPrompt
+    from conftest import registered_models
+    from test_model_contract import bright_cube_volume, cube_box
+
+    from biomedseg.prompts import BoxPrompt
+
+    with registered_models(SERVER_MODELS):
+        load_catalog.cache_clear()
+        vol = bright_cube_volume()
+        lo, hi = cube_box(vol, grow=4.0)
+        box, cube = BoxPrompt(lo, hi, None, "cube"), vol.array > 500
+        client = RemoteWorkerClient(server.url, server.token)
+        try:
+            first = client.run(vol, "toy-click-session", [box], session="s1", timeout=120)
+            assert np.array_equal(first.segments[0].mask, cube) and first.report["embeddings"] == 1
+            outside = vol.ras_of_voxels()[tuple(np.argwhere(~cube)[0])]
+            job = client.submit(None, "toy-click-session", [box, PointPrompt(tuple(outside), True, None, "cube")],
+                                session="s1")
+            second = client.wait(job, timeout=120)  # no voxels sent: the server's worker kept the image
+            assert second.report["embeddings"] == 1 and second.report["session_runs"] == 2
+            assert (second.segments[0].mask & ~cube).any()
+            assert client.close_session("s1") is True
+            with pytest.raises(InputError, match="is not open"):
+                client.submit(None, "toy-click-session", [box], session="s1")
+        finally:
+            client.close()
