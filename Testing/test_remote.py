@@ -391,3 +391,30 @@ def test_an_interactive_session_keeps_its_image_on_the_server(server):
                 client.submit(None, "toy-click-session", [box], session="s1")
         finally:
             client.close()
+
+
+def test_a_cohort_runs_on_the_server_as_it_does_locally(server, tmp_path):
+    import json
+
+    import nrrd
+
+    from biomedseg.cli import main
+    from biomedseg.io import write_volume
+
+    (tmp_path / "in").mkdir()
+    for n in range(3):
+        write_volume(tmp_path / "in" / f"case{n}.nii.gz", small_volume(20 + n))
+    (tmp_path / "in" / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    common = ["batch", str(tmp_path / "in"), "--model", "test-model", "--prompt", "ball", "--option", "radius=9", "-q"]
+    with worker_test_models():
+        assert main(common + ["-o", str(tmp_path / "remote"), "--server", server.url, "--token", server.token]) == 1
+        assert main(common + ["-o", str(tmp_path / "local")]) == 1
+        assert main(common + ["-o", str(tmp_path / "x"), "--server", server.url, "--ray", "auto"]) == 2
+    remote = json.loads((tmp_path / "remote" / "summary.json").read_text())
+    statuses = {c["case"]: c["status"] for c in remote["cases"]} if isinstance(remote.get("cases"), list) else {
+        name: c["status"] for name, c in remote["cases"].items()}
+    assert statuses == {"broken": "failed", "case0": "ok", "case1": "ok", "case2": "ok"}
+    for n in range(3):
+        a, _ = nrrd.read(str(tmp_path / "remote" / f"case{n}.seg.nrrd"))
+        b, _ = nrrd.read(str(tmp_path / "local" / f"case{n}.seg.nrrd"))
+        assert a.any() and np.array_equal(a, b)

@@ -11,11 +11,14 @@ from .jobs import BatchSettings, CaseJob, read_checked, replace_allowed
 from .outputs import failed_record, write_case
 
 
-def run_local(jobs: list[CaseJob], s: BatchSettings, summary, region, events, python: str | None = None) -> None:
-    """Run ``jobs`` one after the other and record each in ``summary`` as soon as it is done."""
-    from ..worker.client import WorkerClient
+def run_local(jobs: list[CaseJob], s: BatchSettings, summary, region, events, python: str | None = None,
+              client=None) -> None:
+    """Run ``jobs`` one after the other and record each in ``summary`` as soon as it is done; through ``client``
+    when one is given (a ``RemoteWorkerClient``: the cohort on a `biomedseg serve` machine), closed at the end."""
+    if client is None:
+        from ..worker.client import WorkerClient
 
-    client = WorkerClient(python=python)
+        client = WorkerClient(python=python)
     try:
         for job in jobs:
             events.case_started(job.case.name)

@@ -9,7 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import InputError
 from .progress import ProgressBar, _is_terminal
+from .serve import add_server_arguments
 
 
 def add_batch_parser(sub) -> None:
@@ -51,6 +53,7 @@ def add_batch_parser(sub) -> None:
                                                            "cluster with GPUs, else 0; fractions share a GPU)")
     p.add_argument("--ray-cpus-per-case", type=float, help="CPUs per case (default 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary paths")
+    add_server_arguments(p)  # the cohort on a `biomedseg serve` machine, case by case
     p.set_defaults(func=cmd_batch)
 
 
@@ -73,6 +76,8 @@ def cmd_batch(args) -> int:
     from ..batch import run_batch
 
     settings = settings_of(args)
+    if args.ray and args.server:
+        raise InputError("--ray and --server name two different places to run.", hint="Choose one.")
     if args.ray:
         from ..batch.ray_runner import import_ray, run_ray
 
@@ -83,12 +88,10 @@ def cmd_batch(args) -> int:
                     gpus_per_case=args.ray_gpus_per_case, cpus_per_case=args.ray_cpus_per_case)
     else:
         from ..batch.local import run_local
-        from .environments import worker_python_for
-
-        python = worker_python_for(args.model, args.worker_python)
+        from .serve import worker_for
 
         def runner(jobs, s, summary, region, events):
-            run_local(jobs, s, summary, region, events, python=python)
+            run_local(jobs, s, summary, region, events, client=worker_for(args, args.model))  # or the server's
 
     events = BatchProgress(enabled=not args.quiet)
     try:
