@@ -418,3 +418,13 @@ def test_a_cohort_runs_on_the_server_as_it_does_locally(server, tmp_path):
         a, _ = nrrd.read(str(tmp_path / "remote" / f"case{n}.seg.nrrd"))
         b, _ = nrrd.read(str(tmp_path / "local" / f"case{n}.seg.nrrd"))
         assert a.any() and np.array_equal(a, b)
+
+
+def test_the_client_says_when_an_image_is_over_the_servers_limits(remote):
+    noise = np.random.default_rng(1).integers(0, 255, size=(20, 1024, 1024), dtype=np.uint8)  # 20 MB, packs > 16 MB
+    volume = Volume(noise, np.eye(4))
+    with pytest.raises(InputError, match="accepts in one request"):
+        remote.echo(volume.array)
+    with pytest.raises(InputError, match="accepts arrays up to 64 MiB"):
+        remote.echo(np.zeros((80, 1024, 1024), np.uint8))
+    assert remote.echo(np.arange(60, dtype=np.int16).reshape(3, 4, 5), threshold=30).sum() == 29

@@ -11,7 +11,7 @@
 The default volume is real CT (slicerio's CTChest4) resampled to 512x512x300 with 15 HU of noise
 (as a real scan has); ``--data random`` sends incompressible noise instead (the worst case).
 Prints each figure, then ``speedup_vs_niigz_upload: X`` and ``remote_vs_shared_memory: Y``.
-Usage: python bench/remote.py [--repeat 3] [--data ct|random] [--shape 300 512 512]
+Usage: python bench/remote.py [--repeat 3] [--data ct|random] [--shape 300 512 512] [--codec zstd|lz4]
 """
 from __future__ import annotations
 
@@ -110,14 +110,16 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--data", choices=["ct", "random"], default="ct")
     parser.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], help="k j i")
+    parser.add_argument("--codec", choices=sorted(arrays.CODECS), default="zstd", help="how the volume goes up")
     args = parser.parse_args()
     shape = tuple(args.shape)
     volume = ct_volume(shape) if args.data == "ct" else np.random.default_rng(0).integers(
         -1024, 2000, size=shape, dtype=np.int16)
     expected = (volume > 0).astype(np.uint8)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"codec: {args.codec}")
     print(f"volume: {shape} int16 {args.data} = {volume.nbytes / 1e6:.0f} MB, labelmap uint8 = {expected.nbytes / 1e6:.0f} MB")
-    packed_up, packed_down = arrays.pack(volume), arrays.pack(expected)
+    packed_up, packed_down = arrays.pack(volume, codec=args.codec), arrays.pack(expected)
     print(f"compressed_ratio_up: {volume.nbytes / len(packed_up):.2f}  ({len(packed_up) / 1e6:.1f} MB)")
     print(f"compressed_ratio_down: {expected.nbytes / len(packed_down):.1f}  ({len(packed_down) / 1e6:.2f} MB)")
 
@@ -131,7 +133,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as folder:
         proc, url, token = start_server(Path(folder))
-        client = RemoteWorkerClient(url, token)
+        client = RemoteWorkerClient(url, token, codec=args.codec)
         try:
             client.echo(np.zeros((4, 4, 4), np.int16))  # the server's worker started and warm
             variants = [volume.copy() for _ in range(args.repeat + 1)]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import queue
 import sys
 import traceback
 
@@ -74,6 +75,36 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def receive_array(request: Request, limit: int, max_array_bytes: int):
+    """An uploaded array, decompressed chunk by chunk on a worker thread while the rest of the body still
+    arrives; refused with 413 as soon as the body passes ``limit`` (or its header ``max_array_bytes``)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLargeError(f"The request holds {int(declared)} bytes, more than the {limit} this server accepts.",
+                            hint="Send a smaller volume, or start the server with a larger --max-upload-mb.")
+    unpacker, pieces = arrays.Unpacker(max_array_bytes), queue.SimpleQueue()
+
+    def consume():
+        while (piece := pieces.get()) is not None:
+            unpacker.feed(piece)
+        return unpacker.finish()
+
+    done = asyncio.get_running_loop().run_in_executor(None, consume)
+    size = 0
+    try:
+        async for piece in request.stream():
+            size += len(piece)
+            if size > limit:
+                raise TooLargeError(f"The request is larger than the {limit} bytes this server accepts.",
+                                    hint="Send a smaller volume, or start the server with a larger --max-upload-mb.")
+            if done.done():  # the unpacker refused what came so far: say why now
+                break
+            pieces.put(piece)
+    finally:
+        pieces.put(None)
+    return await done
+
+
 def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -120,7 +151,8 @@ def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> 
     @app.get("/v1/hello", dependencies=[Depends(authorized)])
     def hello():
         return {"service": "biomedseg", "version": __version__, "api": schema.API_VERSION,
-                "protocol": PROTOCOL_VERSION}
+                "protocol": PROTOCOL_VERSION, "max_upload_bytes": max_upload_bytes,
+                "max_array_bytes": relay.max_array_bytes}
 
     @app.get("/v1/models", dependencies=ready)
     def models():
@@ -145,8 +177,7 @@ def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> 
     @app.put("/v1/arrays/{key}", dependencies=ready)
     async def put_array(key: str, request: Request):
         key = _content_id(key)
-        body = await read_body(request, max_upload_bytes)
-        array, header = await run_in_threadpool(arrays.unpack, body, relay.max_array_bytes)
+        array, header = await receive_array(request, max_upload_bytes, relay.max_array_bytes)
         if header["id"] != key:
             raise InputError("The array's content id is not the one in the address.")
         relay.store.put(key, array)

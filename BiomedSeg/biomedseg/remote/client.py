@@ -57,7 +57,7 @@ class RemoteWorkerClient:
     """Same interface as ``worker.client.WorkerClient``; ``url`` is the server's base address."""
 
     def __init__(self, url: str, token: str | None = None, *, verify: bool | str = True,
-                 read_timeout: float = READ_TIMEOUT_S, log_lines: int = 200):
+                 read_timeout: float = READ_TIMEOUT_S, log_lines: int = 200, codec: str = "zstd"):
         requests = _requests()
         if not url.startswith(("http://", "https://")):
             raise InputError(f"Server address '{url}' must start with http:// or https://.")
@@ -65,6 +65,8 @@ class RemoteWorkerClient:
         self.token = tokens.client_token(token)
         self.verify = verify
         self.read_timeout = read_timeout
+        #: how volumes go up (``arrays.CODECS``); what comes down names its own
+        self.codec = codec
         self.http = requests.Session()
         self.log = collections.deque(maxlen=log_lines)
         self.hello: dict | None = None
@@ -208,7 +210,20 @@ class RemoteWorkerClient:
         if key in self.known_arrays:
             return key
         if self._call("HEAD", f"/v1/arrays/{key}", ok=(200, 404), timeout=30).status_code != 200:
-            self._call("PUT", f"/v1/arrays/{key}", data=arrays.pack(array, known_id=key), timeout=600)
+            limits = (self.hello or {}).get("max_array_bytes"), (self.hello or {}).get("max_upload_bytes")
+            if limits[0] is not None and array.nbytes > limits[0]:
+                raise InputError(f"The image takes {array.nbytes / 2**20:.0f} MiB; the server at {self.url} accepts "
+                                 f"arrays up to {limits[0] / 2**20:.0f} MiB.",
+                                 hint="Crop it (a region or slice range), or ask for a larger --max-array-mb there.")
+            body = _capped(arrays.pack_stream(array, codec=self.codec, known_id=key), limits[1])
+            try:  # compressed chunk by chunk while earlier chunks travel
+                self._call("PUT", f"/v1/arrays/{key}", data=body, timeout=600)
+            except ServerUnavailableError:
+                if body.too_large:
+                    raise InputError(f"The compressed image passes the {limits[1] / 2**20:.0f} MiB the server at "
+                                     f"{self.url} accepts in one request.",
+                                     hint="Crop it, or ask for a larger --max-upload-mb there.") from None
+                raise
         self.known_arrays.add(key)
         return key
 
@@ -255,9 +270,8 @@ class RemoteWorkerClient:
         return result_from_message(event, masks, probs, job.model)
 
     def _download(self, remote_id: str, what: str, shape: tuple, dtype) -> np.ndarray:
-        body = self._call("GET", f"/v1/jobs/{remote_id}/{what}", timeout=600).content
         try:
-            array, _ = arrays.unpack(body, MAX_RESULT_BYTES)
+            array = self._receive("GET", f"/v1/jobs/{remote_id}/{what}")
         except arrays.ArrayFormatError as exc:
             raise ServerUnavailableError(f"The server's {what} arrived damaged ({exc}).",
                                          hint="Run again; if it repeats, report it.") from None
@@ -265,6 +279,14 @@ class RemoteWorkerClient:
             raise ServerUnavailableError(f"The server sent {what} of {array.shape} {array.dtype}, expected "
                                          f"{shape} {np.dtype(dtype).name}.", hint="Is the server the same version?")
         return array
+
+    def _receive(self, method: str, path: str, **kwargs) -> np.ndarray:
+        """An array the server sends, decompressed chunk by chunk as it arrives and checked."""
+        unpacker = arrays.Unpacker(MAX_RESULT_BYTES)
+        with self._call(method, path, stream=True, timeout=600, **kwargs) as response:
+            for piece in response.iter_content(chunk_size=1 << 20):
+                unpacker.feed(piece)
+        return unpacker.finish()[0]
 
     def cancel(self, job: Job) -> None:
         if job.finished or job.cancel_requested_at is not None:
@@ -360,8 +382,7 @@ class RemoteWorkerClient:
         server's worker: the transport alone, as ``WorkerClient.echo`` checks the local one."""
         self.start()
         key = self._upload(np.ascontiguousarray(array))
-        body = self._call("POST", f"/v1/echo/{key}", params={"threshold": threshold}, timeout=600).content
-        labels, _ = arrays.unpack(body, MAX_RESULT_BYTES)
+        labels = self._receive("POST", f"/v1/echo/{key}", params={"threshold": threshold})
         if labels.shape != array.shape:
             raise ServerUnavailableError(f"The server's echo is {labels.shape}, not {array.shape}.")
         return labels
@@ -381,6 +402,22 @@ class RemoteWorkerClient:
                 self._finish(job, error=CancelledError("The client was closed before the job finished."))
         self._outbox.put(None)
         self.http.close()
+
+
+class _capped:
+    """An upload body that stops (and says so) once it passes the server's request limit, instead of letting
+    the server cut the connection mid-stream."""
+
+    def __init__(self, pieces, limit: int | None):
+        self.pieces, self.limit, self.sent, self.too_large = pieces, limit, 0, False
+
+    def __iter__(self):
+        for piece in self.pieces:
+            self.sent += len(piece)
+            if self.limit is not None and self.sent > self.limit:
+                self.too_large = True
+                raise OSError("the upload passed the server's request limit")
+            yield piece
 
 
 def _short(exc) -> str:
