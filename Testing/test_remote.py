@@ -428,3 +428,14 @@ def test_the_client_says_when_an_image_is_over_the_servers_limits(remote):
     with pytest.raises(InputError, match="accepts arrays up to 64 MiB"):
         remote.echo(np.zeros((80, 1024, 1024), np.uint8))
     assert remote.echo(np.arange(60, dtype=np.int16).reshape(3, 4, 5), threshold=30).sum() == 29
+
+
+def test_doctor_checks_a_server_and_lists_its_models_state(server, capsys):
+    from biomedseg.cli import main
+
+    assert main(["doctor", "--server", server.url, "--token", server.token]) == 0
+    out = capsys.readouterr().out
+    assert "server transfer: ok" in out and "server version:" in out
+    assert "on the server deepbet: ready" in out and "on the server test-model" in out
+    assert main(["doctor", "--server", server.url, "--token", "wrong"]) == 1
+    assert "server error: The server refused the token." in capsys.readouterr().out

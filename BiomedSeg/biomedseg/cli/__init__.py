@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", action="store_true", help="also start a worker and check it end to end")
     p.add_argument("--worker-python", help="Python executable for the worker to check")
+    p.add_argument("--server", metavar="URL", help="also check a BiomedSeg server: token, version, a transfer through "
+                                                   "its worker, its queue and its models' state there")
+    p.add_argument("--token", help="the server's token (default: $BIOMEDSEG_TOKEN, or this machine's token file)")
+    p.add_argument("--ca-cert", help="CA file that signed the server's TLS certificate")
     p.set_defaults(func=cmd_doctor)
 
     add_serve_parser(sub)  # `serve`: the worker behind HTTP (remote/)

@@ -1,4 +1,4 @@
-"""`doctor`: Python, torch, devices, memory, model readiness and (optionally) a live worker."""
+"""`doctor`: Python, torch, devices, memory, model readiness and (optionally) a live worker or server."""
 from __future__ import annotations
 
 import json
@@ -71,10 +71,39 @@ def worker_report(python: str | None) -> dict:
         client.close()
 
 
+def server_report(url: str, token: str | None, ca_cert: str | None = None) -> dict:
+    """Reach a `biomedseg serve` server: handshake (token, version), an array through its worker and back,
+    its queue, warm models and each model's state there."""
+    import numpy as np
+
+    from ..remote.client import RemoteWorkerClient
+
+    try:
+        client = RemoteWorkerClient(url, token, verify=ca_cert or True)
+    except BiomedSegError as err:
+        return {"url": url, "error": str(err)}
+    try:
+        started = time.perf_counter()
+        client.start()
+        array = np.arange(64 * 64 * 64, dtype=np.int16).reshape(64, 64, 64) - 1000
+        ok = bool(np.array_equal(client.echo(array), (array > 0).astype(np.uint8)))
+        status = client.request("status")
+        return {"url": url, "version": client.hello["version"], "transfer": "ok" if ok else "WRONG DATA",
+                "round_trip_s": round(time.perf_counter() - started, 3), "queued": status["queued"],
+                "running": status["running"], "warm": ", ".join(w["model"] for w in status["warm"]) or "none",
+                "models": {m["id"]: m["state"] for m in client.request("models")["models"]}}
+    except BiomedSegError as err:
+        return {"url": url, "error": f"{err.message} {err.hint or ''}".strip()}
+    finally:
+        client.close()
+
+
 def cmd_doctor(args) -> int:
     report = doctor_report()
     if args.worker:
         report["worker"] = worker_report(args.worker_python)
+    if getattr(args, "server", None):
+        report["server"] = server_report(args.server, args.token, args.ca_cert)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -91,5 +120,11 @@ def cmd_doctor(args) -> int:
         print()
         for key, value in report["worker"].items():
             print(f"{'worker ' + key:>20}: {value}")
-        return 1 if "error" in report["worker"] else 0
-    return 0
+    if "server" in report:
+        print()
+        for key, value in report["server"].items():
+            if key != "models":
+                print(f"{'server ' + key:>20}: {value}")
+        for model_id, state in report["server"].get("models", {}).items():
+            print(f"{'on the server ' + model_id:>20}: {state['state']} - {state['detail']}")
+    return 1 if any("error" in report.get(k, {}) for k in ("worker", "server")) else 0

@@ -158,8 +158,8 @@ def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> 
     def models():
         from ..catalog import load_catalog
 
-        return {"models": [{"id": e.id, "version": e.version, "title": e.title, "results": list(e.results)}
-                           for e in load_catalog().values()]}
+        return {"models": [{"id": e.id, "version": e.version, "title": e.title, "results": list(e.results),
+                            "state": e.state()} for e in load_catalog()]}
 
     @app.get("/v1/status", dependencies=ready)
     def status():

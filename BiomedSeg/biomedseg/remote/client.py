@@ -336,8 +336,8 @@ class RemoteWorkerClient:
         if error is not None:
             job.error = error
             job.state = "cancelled" if isinstance(error, CancelledError) else "failed"
-            if job.session is not None and job.volume is not None:
-                self.sessions.pop(job.session, None)
+            if job.session is not None and (job.volume is not None or "is not open" in error.message):
+                self.sessions.pop(job.session, None)  # the server's worker holds no image for it now
         else:
             job.result = result
             job.state = "done"
@@ -366,12 +366,14 @@ class RemoteWorkerClient:
             raise
 
     def request(self, op: str, timeout: float = 30.0, **fields) -> dict:
-        """``ping``, ``status`` and ``unload``, as the local client answers them."""
+        """``ping``, ``status`` and ``unload``, as the local client answers them; and ``models``."""
         self.start()
         if op == "ping":
             return {"event": "pong", "server": self.url, "version": self.hello.get("version")}
         if op == "status":
             return {"event": "status", **self._call("GET", "/v1/status", timeout=timeout).json()}
+        if op == "models":  # the server's catalogue and each model's state on the server machine
+            return {"event": "models", **self._call("GET", "/v1/models", timeout=timeout).json()}
         if op == "unload":
             self._call("POST", "/v1/unload", timeout=timeout)
             return {"event": "unloaded"}
