@@ -439,3 +439,12 @@ def test_doctor_checks_a_server_and_lists_its_models_state(server, capsys):
     assert "on the server deepbet: ready" in out and "on the server test-model" in out
     assert main(["doctor", "--server", server.url, "--token", "wrong"]) == 1
     assert "server error: The server refused the token." in capsys.readouterr().out
+
+
+def test_no_path_a_client_sends_is_opened(remote, tmp_path):
+    marker = tmp_path / "child.pid"
+    with pytest.raises(InputError, match="--weights cannot be sent"):
+        remote.run(small_volume(13), "test-model", ["ball"], weights="/etc/passwd")
+    with pytest.raises(InputError, match="'child_pid_file' is a path"):
+        remote.run(small_volume(13), "test-model", ["ball"], options={"mode": "hang", "child_pid_file": str(marker)})
+    assert not marker.exists()

@@ -132,6 +132,7 @@ class Relay:
     # ---- requests -----------------------------------------------------------------------
     def submit(self, request: dict) -> RemoteJob:
         """Queue the job a checked request (``schema.check_job``) describes; its arrays must be in the store."""
+        refuse_paths(request)
         volume = None
         spec = request.get("volume")
         if spec is not None:
@@ -248,3 +249,20 @@ class Relay:
         self.pump.join(timeout=2)
         with self.lock:
             self.client.close()  # unfinished jobs end as cancelled: their streams say so
+
+
+def refuse_paths(request: dict) -> None:
+    """No path a client sends is opened here: not ``weights``, not an option the model declares as a path.
+    The server's weights are its own (its catalogue sources, $BIOMEDSEG_WEIGHTS_DIR there)."""
+    from ..catalog import get_model
+
+    if request.get("weights"):
+        raise InputError("A server does not open files a client names: --weights cannot be sent to it.",
+                         hint="Put the checkpoint on the server machine ($BIOMEDSEG_WEIGHTS_DIR there), or run "
+                              "locally.")
+    declared = get_model(request["model"]).options
+    paths = [k for k in (request.get("options") or {}) if (declared.get(k) or {}).get("type") == "path"]
+    if paths:
+        raise InputError(f"A server does not open files a client names: option {', '.join(map(repr, paths))} "
+                         "is a path.", hint="Put the file on the server machine, or run locally.")
+
