@@ -35,6 +35,13 @@ def server(tmp_path_factory):
     proc.stop()
 
 
+@pytest.fixture(scope="module")
+def local():
+    """One local worker for every comparison in this module (each new one costs a torch import)."""
+    with worker_test_models(), worker_client() as client:
+        yield client
+
+
 @pytest.fixture
 def remote(server):
     with worker_test_models():  # the test model's catalogue entry on this side too (prompt checks)
@@ -51,13 +58,12 @@ def small_volume(seed: int = 0, shape=(24, 28, 32)) -> Volume:
     return Volume(rng.integers(-50, 200, size=shape).astype(np.int16), affine, name=f"small{seed}")
 
 
-def test_a_segment_through_the_server_equals_the_local_worker_bit_for_bit(remote, colin_path):
+def test_a_segment_through_the_server_equals_the_local_worker_bit_for_bit(remote, local, colin_path):
     from biomedseg.io import read_volume
 
     volume = read_volume(colin_path)
     remote_result = remote.run(volume, "deepbet", ["brain"], device="cpu", probabilities=True)
-    with worker_client() as local:
-        local_result = local.run(volume, "deepbet", ["brain"], device="cpu", probabilities=True)
+    local_result = local.run(volume, "deepbet", ["brain"], device="cpu", probabilities=True)
     assert [s.name for s in remote_result.segments] == [s.name for s in local_result.segments] == ["brain"]
     assert remote_result.segments[0].mask.sum() > 100_000
     assert np.array_equal(remote_result.segments[0].mask, local_result.segments[0].mask)
@@ -67,11 +73,10 @@ def test_a_segment_through_the_server_equals_the_local_worker_bit_for_bit(remote
     assert remote_result.report.get("plan") == local_result.report.get("plan")
 
 
-def test_typed_prompts_options_and_absent_targets_cross_the_network(remote):
+def test_typed_prompts_options_and_absent_targets_cross_the_network(remote, local):
     volume = small_volume(1)
     result = remote.run(volume, "test-model", ["ball", "bright"], options={"radius": 8.0})
-    with worker_client() as local, worker_test_models():
-        expected = local.run(volume, "test-model", ["ball", "bright"], options={"radius": 8.0})
+    expected = local.run(volume, "test-model", ["ball", "bright"], options={"radius": 8.0})
     assert [s.name for s in result.segments] == [s.name for s in expected.segments]
     for got, want in zip(result.segments, expected.segments):
         assert np.array_equal(got.mask, want.mask)
@@ -184,7 +189,7 @@ def test_cancel_stops_the_job_and_the_next_one_runs(remote):
     assert remote.run(small_volume(5), "test-model", ["ball"], timeout=60).segments
 
 
-def test_twenty_concurrent_clients_queue_and_all_finish(server):
+def test_twenty_concurrent_clients_queue_and_all_finish(server, local):
     results, errors = {}, []
 
     def one(i):
@@ -205,11 +210,10 @@ def test_twenty_concurrent_clients_queue_and_all_finish(server):
             t.join(timeout=400)
         assert not errors, errors
         assert sorted(results) == list(range(20))
-        with worker_client() as local:
-            for i in (0, 7, 19):
-                want = local.run(small_volume(100 + i, (12, 14, 16)), "test-model", ["ball"],
-                                 options={"radius": 5.0 + i % 3})
-                assert np.array_equal(results[i].segments[0].mask, want.segments[0].mask)
+        for i in (0, 7, 19):
+            want = local.run(small_volume(100 + i, (12, 14, 16)), "test-model", ["ball"],
+                             options={"radius": 5.0 + i % 3})
+            assert np.array_equal(results[i].segments[0].mask, want.segments[0].mask)
 
 
 def test_a_killed_server_is_a_clear_error_and_the_next_run_works(tmp_path):
@@ -274,7 +278,7 @@ def test_the_cli_segments_through_the_server_as_it_does_locally(server, tmp_path
         common = ["segment", str(colin_path), "--model", "test-model", "--prompt", "ball", "--option", "radius=9", "-q"]
         assert main(common + ["-o", str(tmp_path / "remote.seg.nrrd"), "--server", server.url,
                               "--token", server.token, "--report", str(tmp_path / "run.json")]) == 0
-        assert main(common + ["-o", str(tmp_path / "local.seg.nrrd")]) == 0
+        assert main(common + ["-o", str(tmp_path / "local.seg.nrrd"), "--in-process"]) == 0  # the same engine
         remote, remote_header = nrrd.read(str(tmp_path / "remote.seg.nrrd"))
         local, local_header = nrrd.read(str(tmp_path / "local.seg.nrrd"))
         assert remote.any() and np.array_equal(remote, local)
