@@ -17,7 +17,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("blosc2")
 requests = pytest.importorskip("requests")
 
-from biomedseg.errors import (AccessDeniedError, CancelledError, InputError, ServerUnavailableError,  # noqa: E402
+from biomedseg.errors import (AccessDeniedError, BiomedSegError, CancelledError, InputError,  # noqa: E402
+                              ServerUnavailableError,
                               WorkerMismatchError)
 from biomedseg.remote import arrays, schema  # noqa: E402
 from biomedseg.remote.client import RemoteWorkerClient  # noqa: E402
@@ -452,3 +453,39 @@ def test_no_path_a_client_sends_is_opened(remote, tmp_path):
     with pytest.raises(InputError, match="'child_pid_file' is a path"):
         remote.run(small_volume(13), "test-model", ["ball"], options={"mode": "hang", "child_pid_file": str(marker)})
     assert not marker.exists()
+
+
+def test_a_queued_or_unsent_job_is_cancelled_at_once_and_the_running_one_goes_on(remote):
+    running = remote.submit(small_volume(14), "test-model", ["ball"], options={"mode": "slow", "steps": 60,
+                                                                               "step_s": 0.05})
+    queued = remote.submit(small_volume(15), "test-model", ["ball"])
+    while running.state != "running":
+        remote.poll(0.05)
+    remote.cancel(queued)
+    with pytest.raises(CancelledError):
+        remote.wait(queued, timeout=20)
+    assert not running.finished  # ended on the server's answer, not when its turn came
+    unsent = remote.submit(small_volume(16), "test-model", ["ball"])
+    remote.cancel(unsent)  # before the sender got to it, or while it uploads: never run
+    with pytest.raises(CancelledError):
+        remote.wait(unsent, timeout=20)
+    with pytest.raises(BiomedSegError, match="busy"):  # a transfer check never waits behind jobs
+        remote.echo(np.zeros((3, 3, 3), np.int16))
+    assert remote.wait(running, timeout=60).segments
+
+
+def test_malformed_array_headers_are_400s_and_the_token_file_stays_home(server, monkeypatch, tmp_path):
+    import struct
+
+    from biomedseg.remote import tokens
+
+    headers = {**schema.client_headers(), "Authorization": f"Bearer {server.token}"}
+    for header in (b"[" * 2000, b'{"codec": "blosc2", "dtype": [], "shape": [1], "nbytes": 1}'):
+        body = arrays.MAGIC + struct.pack("<I", len(header)) + header
+        response = requests.put(f"{server.url}/v1/arrays/{'0' * 64}", data=body, headers=headers, timeout=30)
+        assert response.status_code == 400, response.text
+    monkeypatch.setenv("BIOMEDSEG_CONFIG_DIR", str(tmp_path))
+    monkeypatch.delenv(tokens.TOKEN_ENV, raising=False)
+    token, _ = tokens.load_or_create()
+    assert tokens.client_token(None, "http://127.0.0.1:8765") == token
+    assert tokens.client_token(None, "https://gpu.example:8765") is None  # never sent to another host

@@ -293,7 +293,10 @@ def test_cancelling_a_queued_job_keeps_the_running_one_and_the_worker(client):
     client.cancel(queued)
     with pytest.raises(CancelledError, match="before it started"):
         client.wait(queued, timeout=30)
+    assert not running.finished  # the queued job ended on the worker's answer, not when its turn came
     assert client.wait(running, timeout=30).segments and client.worker_pid == pid
+    again = client.run(vol, "test-model", ["target"], options={"steps": 2, "radius": 5.0}, timeout=30)
+    assert np.array_equal(again.segments[0].mask, running.result.segments[0].mask)  # its reused blocks untouched
 
 
 def test_jobs_queued_behind_a_crash_or_a_cancel_kill_are_sent_again_not_lost():

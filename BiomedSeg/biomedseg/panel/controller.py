@@ -109,9 +109,9 @@ class PanelController:
         client = RemoteWorkerClient(server, state.server_token or None)
         try:
             client.start()
-        except ServerUnavailableError as exc:
+        except BiomedSegError as exc:  # unreachable, refused token, another version: this client is done
             client.close()
-            if not state.fallback_local:
+            if not (state.fallback_local and isinstance(exc, ServerUnavailableError)):
                 raise
             self.notice = f"{exc.message} Running on this computer instead (Run locally if the server is unreachable)."
             return None

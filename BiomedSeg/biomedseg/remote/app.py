@@ -23,6 +23,7 @@ their header passed ``remote.arrays``' checks against the decompressed-size cap.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import queue
@@ -41,8 +42,14 @@ from .relay import Relay
 
 #: Largest JSON body (a job request with 1000 prompts is far below it).
 MAX_JSON_BYTES = 1 << 20
+#: Uploads decompressed at once (each on its own thread); more wait their turn.
+MAX_UPLOADS = 4
+UPLOADS = asyncio.Semaphore(MAX_UPLOADS)
+UPLOAD_THREADS = concurrent.futures.ThreadPoolExecutor(MAX_UPLOADS, thread_name_prefix="biomedseg-upload")
+#: An upload that sends nothing for this long is given up (its thread is freed).
+UPLOAD_IDLE_S = 120.0
 KEEPALIVE_S = 1.0
-STATUS = {"bad_input": 400, "wrong_modality": 400, "access_denied": 401, "worker_mismatch": 409,
+STATUS = {"bad_input": 400, "wrong_modality": 400, "access_denied": 401, "worker_mismatch": 409, "busy": 503,
           "too_large": 413, "not_found": 404, "weights_missing": 424, "dependency_missing": 424,
           "out_of_memory": 507}
 
@@ -85,24 +92,31 @@ async def receive_array(request: Request, limit: int, max_array_bytes: int):
     unpacker, pieces = arrays.Unpacker(max_array_bytes), queue.SimpleQueue()
 
     def consume():
-        while (piece := pieces.get()) is not None:
+        while True:
+            try:
+                piece = pieces.get(timeout=UPLOAD_IDLE_S)
+            except queue.Empty:
+                raise arrays.ArrayFormatError(f"the upload stalled (nothing for {UPLOAD_IDLE_S:.0f} s)") from None
+            if piece is None:
+                return unpacker.finish()
             unpacker.feed(piece)
-        return unpacker.finish()
 
-    done = asyncio.get_running_loop().run_in_executor(None, consume)
-    size = 0
-    try:
-        async for piece in request.stream():
-            size += len(piece)
-            if size > limit:
-                raise TooLargeError(f"The request is larger than the {limit} bytes this server accepts.",
-                                    hint="Send a smaller volume, or start the server with a larger --max-upload-mb.")
-            if done.done():  # the unpacker refused what came so far: say why now
-                break
-            pieces.put(piece)
-    finally:
-        pieces.put(None)
-    return await done
+    async with UPLOADS:  # a few at once: each holds a thread and up to max_array_bytes
+        done = asyncio.get_running_loop().run_in_executor(UPLOAD_THREADS, consume)
+        size = 0
+        try:
+            async for piece in request.stream():
+                size += len(piece)
+                if size > limit:
+                    raise TooLargeError(f"The request is larger than the {limit} bytes this server accepts.",
+                                        hint="Send a smaller volume, or start the server with a larger "
+                                             "--max-upload-mb.")
+                if done.done():  # the unpacker refused what came so far: say why now
+                    break
+                pieces.put(piece)
+        finally:
+            pieces.put(None)
+        return await done
 
 
 def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> FastAPI:
@@ -124,13 +138,18 @@ def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> 
         return error_response(BiomedSegError(f"Internal error in the server: {type(exc).__name__}: {str(exc)[:200]}",
                                              hint="See the server's log; please report it."), 500)
 
+    @app.exception_handler(TimeoutError)
+    async def on_timeout(request, exc: TimeoutError):
+        return error_response(BiomedSegError(f"The server's worker did not answer in time ({exc}).",
+                                             hint="Try again; `biomedseg doctor --server URL` shows its state."), 504)
+
     @app.exception_handler(ProtocolError)
     async def on_protocol_error(request, exc: ProtocolError):
         return error_response(InputError(f"Rejected request: {exc}."))
 
     @app.exception_handler(arrays.ArrayFormatError)
     async def on_array_error(request, exc: arrays.ArrayFormatError):
-        too_large = "allowed" in str(exc)
+        too_large = isinstance(exc, arrays.ArrayTooLargeError)
         return error_response((TooLargeError if too_large else InputError)(f"Rejected array: {exc}."))
 
     def authorized(request: Request) -> None:
@@ -199,10 +218,10 @@ def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> 
         rjob = _job(relay, job_id)
         start = _int(request.headers.get("last-event-id"))
         start = 0 if start is None else start + 1
-        relay.watch(rjob, +1)
 
         async def stream():
             sent, quiet = start, 0.0
+            relay.watch(rjob, +1)
             try:
                 while True:
                     pending = rjob.events[sent:]
@@ -223,16 +242,14 @@ def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> 
 
     @app.post("/v1/jobs/{job_id}/cancel", dependencies=ready, status_code=202)
     def cancel(job_id: str):
-        _job(relay, job_id)
-        relay.cancel(job_id)
+        relay.cancel(_job(relay, job_id))
         return {"cancelling": job_id}
 
     @app.get("/v1/jobs/{job_id}/{what}", dependencies=ready)
     async def result_array(job_id: str, what: str):
         if what not in ("masks", "probabilities"):
             raise NotFoundError(f"No '{what[:40]}' here.")
-        _job(relay, job_id)
-        body = await run_in_threadpool(relay.packed, job_id, what)
+        body = await run_in_threadpool(relay.packed, _job(relay, job_id), what)
         return Response(body, media_type="application/octet-stream")
 
     @app.delete("/v1/jobs/{job_id}", dependencies=ready)

@@ -43,6 +43,10 @@ class ArrayFormatError(ValueError):
     """A body that is not a BiomedSeg array, or that disagrees with what it says it holds."""
 
 
+class ArrayTooLargeError(ArrayFormatError):
+    """An array larger, once decompressed, than the receiver accepts."""
+
+
 def content_id(array: np.ndarray) -> str:
     """sha256 over dtype, shape and the C-ordered bytes (two arrays with the same bytes but another shape
     or dtype are different volumes)."""
@@ -169,6 +173,8 @@ class Unpacker:
                                    " bytes)")
         if self.digest.hexdigest() != self.header["id"]:
             raise ArrayFormatError("the array's checksum does not match: it was damaged on the way")
+        if self.array.dtype == bool and self.array.size and self.array.view(np.uint8).max() > 1:
+            raise ArrayFormatError("a boolean array holds bytes other than 0 and 1")
         return self.array, self.header
 
 
@@ -177,13 +183,13 @@ def check_header(text: bytes, max_bytes: int) -> dict:
     the receiver accepts) before any memory is set aside for it."""
     try:
         header = json.loads(text)
-    except ValueError:
-        raise ArrayFormatError("the array header is not JSON") from None
+    except (ValueError, RecursionError):
+        raise ArrayFormatError("the array header is not JSON (or nests too deep)") from None
     if not isinstance(header, dict) or header.get("codec") != "blosc2":
         raise ArrayFormatError("the array header names no known codec")
     shape, dtype, nbytes, chunk = header.get("shape"), header.get("dtype"), header.get("nbytes"), header.get(
         "chunk_bytes")
-    if dtype not in ALLOWED_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
         raise ArrayFormatError(f"dtype {str(dtype)[:40]!r} is not allowed")
     if (not isinstance(shape, list) or len(shape) > 5
             or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 31 for s in shape)):
@@ -192,7 +198,7 @@ def check_header(text: bytes, max_bytes: int) -> dict:
     if nbytes != need:
         raise ArrayFormatError(f"the header says {nbytes} bytes, but {shape} {dtype} holds {need}")
     if need > max_bytes:
-        raise ArrayFormatError(f"the array would take {need / 2**20:.0f} MiB uncompressed, more than the "
+        raise ArrayTooLargeError(f"the array would take {need / 2**20:.0f} MiB uncompressed, more than the "
                                f"{max_bytes / 2**20:.0f} MiB allowed")
     if not isinstance(chunk, int) or isinstance(chunk, bool) or not 1024 <= chunk <= 256 << 20:
         raise ArrayFormatError("the array header names no usable chunk size")

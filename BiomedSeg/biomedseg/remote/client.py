@@ -62,7 +62,7 @@ class RemoteWorkerClient:
         if not url.startswith(("http://", "https://")):
             raise InputError(f"Server address '{url}' must start with http:// or https://.")
         self.url = url.rstrip("/")
-        self.token = tokens.client_token(token)
+        self.token = tokens.client_token(token, url)
         self.verify = verify
         self.read_timeout = read_timeout
         #: how volumes go up (``arrays.CODECS``); what comes down names its own
@@ -78,6 +78,8 @@ class RemoteWorkerClient:
         self._jobs: dict[int, Job] = {}
         self._events: queue.Queue = queue.Queue()
         self._outbox: queue.Queue = queue.Queue()
+        self._connected_before = False
+        self._send_lock = threading.Lock()  # a cancel and the sender agree on whether the job was posted
         self._session_prefix = uuid.uuid4().hex[:12]  # session ids of different clients never collide
         self._sender = threading.Thread(target=self._send_jobs, daemon=True, name="biomedseg-remote-send")
         self._sender.start()
@@ -124,6 +126,9 @@ class RemoteWorkerClient:
         if self.hello is not None:
             return
         self.known_arrays.clear()  # a new connection may be a restarted server with an empty store
+        if self._connected_before:
+            self.sessions = {}  # ... and without the images of this client's sessions
+        self._connected_before = True
         hello = self._call("GET", "/v1/hello", timeout=15).json()
         problem = schema.mismatch(hello.get("version"), hello.get("api"), __version__, schema.API_VERSION, self.url)
         if problem is not None:
@@ -170,19 +175,23 @@ class RemoteWorkerClient:
             if job is None:
                 return
             if job.cancel_requested_at is not None:
-                self._events.put(("error", job, CancelledError("Segmentation was cancelled; nothing was sent.")))
-                continue
+                continue  # cancelled before it was sent: ``cancel`` ended it already
             try:
                 self.start()
                 remote_id = self._post_job(job)
-            except BiomedSegError as exc:
-                self._events.put(("error", job, exc))
+            except Exception as exc:  # noqa: BLE001 -- this job fails with the reason; the sender goes on
+                self._events.put(("error", job, _as_error(exc, "sending the job")))
                 continue
-            job.outputs["remote"] = remote_id
+            with self._send_lock:
+                job.outputs["remote"] = remote_id
+                cancelled = job.cancel_requested_at is not None
+            if cancelled:  # pressed while it was uploading: the server has it now, so tell the server
+                self._in_background(self._cancel_remote, remote_id)
             threading.Thread(target=self._follow, args=(job, remote_id), daemon=True,
                              name=f"biomedseg-remote-job-{job.id}").start()
 
     def _post_job(self, job: Job, retry: bool = True) -> str:
+        job.outputs["sending"] = True
         message = dict(job.message, prompts=[])
         for prompt in job.prompts:
             entry = prompt_to_dict(prompt)
@@ -242,16 +251,19 @@ class RemoteWorkerClient:
                         return
                     if event["event"] == "error":
                         self._events.put(("error", job, error_from_dict(event.get("error") or {})))
+                        self._in_background(self._forget_remote, remote_id)
                         return
                     self._events.put(("event", job, event))
             raise requests.exceptions.ConnectionError("the event stream ended before the job did")
         except BiomedSegError as exc:
             self._events.put(("error", job, exc))
-        except (requests.exceptions.RequestException, ValueError, KeyError) as exc:
+        except requests.exceptions.RequestException as exc:
             self.hello = None
             self._events.put(("error", job, ServerUnavailableError(
                 f"The connection to the BiomedSeg server at {self.url} was lost while the job ran ({_short(exc)}).",
                 hint="Nothing was written. Check that the server runs, then run again.")))
+        except Exception as exc:  # noqa: BLE001 -- a malformed event or result ends this job, never hangs it
+            self._events.put(("error", job, _as_error(exc, "reading the server's answer")))
 
     def _result(self, job: Job, remote_id: str, event: dict) -> SegmentationResult:
         shape = tuple(event["mask_shape"])
@@ -263,15 +275,30 @@ class RemoteWorkerClient:
         if names:
             stack = self._download(remote_id, "probabilities", (len(names), *shape[1:]), np.float32)
             probs = {name: stack[i] for i, name in enumerate(names)}
+        self._forget_remote(remote_id)
+        return result_from_message(event, masks, probs, job.model)
+
+    def _forget_remote(self, remote_id: str) -> None:
         try:
             self._call("DELETE", f"/v1/jobs/{remote_id}", timeout=30)
         except BiomedSegError:
             pass  # the server drops old jobs by itself
-        return result_from_message(event, masks, probs, job.model)
+
+    def _cancel_remote(self, remote_id: str) -> None:
+        try:
+            self._call("POST", f"/v1/jobs/{remote_id}/cancel", timeout=10)
+        except BiomedSegError as exc:
+            self.log.append(f"[client] cancel: {exc}")
+
+    @staticmethod
+    def _in_background(fn, *args) -> None:
+        """Network calls the caller must not wait for (the panel calls from Qt's thread)."""
+        threading.Thread(target=fn, args=args, daemon=True, name="biomedseg-remote-call").start()
 
     def _download(self, remote_id: str, what: str, shape: tuple, dtype) -> np.ndarray:
         try:
-            array = self._receive("GET", f"/v1/jobs/{remote_id}/{what}")
+            array = self._receive("GET", f"/v1/jobs/{remote_id}/{what}",
+                                  max_bytes=int(np.prod(shape)) * np.dtype(dtype).itemsize)
         except arrays.ArrayFormatError as exc:
             raise ServerUnavailableError(f"The server's {what} arrived damaged ({exc}).",
                                          hint="Run again; if it repeats, report it.") from None
@@ -280,24 +307,28 @@ class RemoteWorkerClient:
                                          f"{shape} {np.dtype(dtype).name}.", hint="Is the server the same version?")
         return array
 
-    def _receive(self, method: str, path: str, **kwargs) -> np.ndarray:
-        """An array the server sends, decompressed chunk by chunk as it arrives and checked."""
-        unpacker = arrays.Unpacker(MAX_RESULT_BYTES)
+    def _receive(self, method: str, path: str, max_bytes: int = MAX_RESULT_BYTES, **kwargs) -> np.ndarray:
+        """An array the server sends, decompressed chunk by chunk as it arrives and checked (never more than
+        ``max_bytes``: what the job's shape says it is)."""
+        unpacker = arrays.Unpacker(max_bytes)
         with self._call(method, path, stream=True, timeout=600, **kwargs) as response:
             for piece in response.iter_content(chunk_size=1 << 20):
                 unpacker.feed(piece)
         return unpacker.finish()[0]
 
     def cancel(self, job: Job) -> None:
+        """Stop the job: at once when it has not reached the server yet, else through the server (on a
+        background thread: the caller never waits for the network)."""
         if job.finished or job.cancel_requested_at is not None:
             return
-        job.cancel_requested_at = time.monotonic()
-        remote_id = job.outputs.get("remote")
+        with self._send_lock:
+            job.cancel_requested_at = time.monotonic()
+            remote_id = job.outputs.get("remote")
         if remote_id is not None:
-            try:
-                self._call("POST", f"/v1/jobs/{remote_id}/cancel", timeout=10)
-            except BiomedSegError as exc:
-                self.log.append(f"[client] cancel: {exc}")
+            self._in_background(self._cancel_remote, remote_id)
+        elif not job.outputs.get("sending"):
+            self._events.put(("error", job, CancelledError("Segmentation was cancelled; nothing was sent.")))
+        # while it uploads, the sender sends the cancel as soon as the server has the job
 
     # ---- receiving --------------------------------------------------------------------------
     def poll(self, timeout: float = 0.0) -> int:
@@ -389,21 +420,33 @@ class RemoteWorkerClient:
             raise ServerUnavailableError(f"The server's echo is {labels.shape}, not {array.shape}.")
         return labels
 
-    def close_session(self, session: str) -> bool:
+    def close_session(self, session: str, wait: bool = False) -> bool:
+        """Drop a session here and on the server; whether this client had it open. The server is told on a
+        background thread unless ``wait`` (then its own answer counts)."""
         known = self.sessions.pop(session, None) is not None
         if self.hello is None:
             return known
-        remote = f"{self._session_prefix}:{session}"
-        return bool(self._call("DELETE", f"/v1/sessions/{remote}", timeout=30).json().get("found"))
+        path = f"/v1/sessions/{self._session_prefix}:{session}"
+        if not wait:
+            self._in_background(self._quietly, "DELETE", path)
+            return known
+        return bool(self._call("DELETE", path, timeout=30).json().get("found"))
+
+    def _quietly(self, method: str, path: str) -> None:
+        try:
+            self._call(method, path, timeout=30)
+        except BiomedSegError as exc:
+            self.log.append(f"[client] {method} {path}: {exc}")
 
     def close(self) -> None:
-        """Cancel this client's unfinished jobs on the server and stop the sender."""
+        """Cancel this client's unfinished jobs and close its sessions on the server; stop the sender."""
         for job in list(self._jobs.values()):
             if not job.finished:
                 self.cancel(job)
                 self._finish(job, error=CancelledError("The client was closed before the job finished."))
+        for session in list(self.sessions):
+            self.close_session(session)
         self._outbox.put(None)
-        self.http.close()
 
 
 class _capped:
@@ -420,6 +463,13 @@ class _capped:
                 self.too_large = True
                 raise OSError("the upload passed the server's request limit")
             yield piece
+
+
+def _as_error(exc: BaseException, doing: str) -> BiomedSegError:
+    if isinstance(exc, BiomedSegError):
+        return exc
+    return BiomedSegError(f"Internal error while {doing}: {type(exc).__name__}: {_short(exc)}",
+                          hint="Nothing was written; please report it.")
 
 
 def _short(exc) -> str:

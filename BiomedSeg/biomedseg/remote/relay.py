@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import collections
 import secrets
+import shutil
+import sys
 import threading
 import time
+import traceback
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import BiomedSegError, InputError
 from ..prompts import prompt_from_dict
 from ..results import jsonable
 from ..volume import Volume
@@ -25,8 +28,11 @@ from ..worker.client import WorkerClient
 from ..worker.jobs import result_fields
 from . import arrays
 
-#: Finished jobs whose results are kept for their clients to fetch.
+#: Finished jobs whose results are kept for their clients to fetch (the newest, and for so long).
 KEEP_FINISHED = 64
+KEEP_FINISHED_S = 900.0
+#: Jobs that may wait or run at once; more are refused (the server is busy), so no client fills its memory.
+MAX_OPEN_JOBS = 256
 #: A job whose event stream closed before it finished is cancelled unless a stream returns this soon.
 ABANDONED_AFTER_S = 10.0
 
@@ -72,6 +78,7 @@ class RemoteJob:
         self.unwatched_at: float | None = None
         self.packed: dict[str, bytes] = {}
         self.pack_lock = threading.Lock()
+        self.watch_lock = threading.Lock()
 
     def add(self, event: dict) -> None:
         self.events.append(jsonable(event))
@@ -91,16 +98,23 @@ class Relay:
 
     # ---- the pump ---------------------------------------------------------------------
     def _pump(self) -> None:
+        """Poll the worker client for ever; an error in one round is logged and the next round goes on (a
+        dead pump would leave every stream waiting for events that never come)."""
         while self.running:
-            with self.lock:
-                handled = self.client.poll(0.0)
-                self._cancel_abandoned()
+            handled = 0
+            try:
+                with self.lock:
+                    handled = self.client.poll(0.0)
+                    self._cancel_abandoned()
+            except Exception:  # noqa: BLE001 -- the client fails its own jobs; the pump must outlive any one
+                traceback.print_exc(file=sys.stderr)
+                time.sleep(0.2)
             if not handled:
                 time.sleep(0.01)
 
     def _cancel_abandoned(self) -> None:
         now = time.monotonic()
-        for rjob in self.jobs.values():
+        for rjob in list(self.jobs.values()):
             if (rjob.job is not None and not rjob.job.finished and rjob.watchers == 0
                     and rjob.unwatched_at is not None and now - rjob.unwatched_at > ABANDONED_AFTER_S):
                 rjob.unwatched_at = None
@@ -115,6 +129,7 @@ class Relay:
 
     def _on_done(self, rjob: RemoteJob, job) -> None:
         rjob.finished_at = time.monotonic()
+        job.volume, job.prompts, job.message = None, [], {}  # the store decides how long a volume stays
         if job.error is not None:
             rjob.add({"event": "error", "error": job.error.to_dict()})
         else:
@@ -125,9 +140,12 @@ class Relay:
         self._trim()
 
     def _trim(self) -> None:
+        """Finished jobs beyond the newest ``KEEP_FINISHED``, or older than ``KEEP_FINISHED_S``, go."""
+        now = time.monotonic()
         finished = sorted((r for r in self.jobs.values() if r.finished_at is not None), key=lambda r: r.finished_at)
-        for rjob in finished[:max(0, len(finished) - KEEP_FINISHED)]:
-            self.jobs.pop(rjob.id, None)
+        for i, rjob in enumerate(finished):
+            if i < len(finished) - KEEP_FINISHED or now - rjob.finished_at > KEEP_FINISHED_S:
+                self.jobs.pop(rjob.id, None)
 
     # ---- requests -----------------------------------------------------------------------
     def submit(self, request: dict) -> RemoteJob:
@@ -152,13 +170,18 @@ class Relay:
 
         region = Region.from_dict(request["region"]) if request.get("region") else None
         with self.lock:
+            if sum(1 for r in self.jobs.values() if r.finished_at is None) >= MAX_OPEN_JOBS:
+                raise BusyError(f"The server has {MAX_OPEN_JOBS} jobs waiting or running.", hint="Try again later.")
             shape = volume.shape if volume is not None else self.client.sessions.get(options["session"])
+            if shape is not None:
+                check_shared_memory(volume, len(prompts), shape, bool(request.get("probabilities")))
             rjob = RemoteJob(secrets.token_hex(8), tuple(shape) if shape is not None else ())
             job = self.client.submit(volume, request["model"], prompts, region=region,
                                      probabilities=bool(request.get("probabilities")),
                                      on_progress=lambda j: self._on_progress(rjob, j),
                                      on_done=lambda j: self._on_done(rjob, j), **options)
             rjob.job = job
+            rjob.unwatched_at = time.monotonic()  # a client that never follows its job abandons it too
             rjob.add({"event": "queued", "position": sum(1 for r in self.jobs.values()
                                                          if r.job is not None and not r.job.finished)})
             self.jobs[rjob.id] = rjob
@@ -171,26 +194,26 @@ class Relay:
             raise InputError(f"Array {key[:12]}... is not on the server.", hint="Upload it first.") from None
 
     def get(self, job_id: str) -> RemoteJob:
-        rjob = self.jobs.get(job_id)
+        with self.lock:
+            rjob = self.jobs.get(job_id)
         if rjob is None:
             raise KeyError(job_id)
         return rjob
 
-    def cancel(self, job_id: str) -> None:
-        rjob = self.get(job_id)
+    def cancel(self, rjob: RemoteJob) -> None:
         with self.lock:
             if rjob.job is not None and not rjob.job.finished:
                 self.client.cancel(rjob.job)
 
     def watch(self, rjob: RemoteJob, delta: int) -> None:
-        with self.lock:
+        """Count the job's open event streams (on the event loop: no waiting for the relay's lock)."""
+        with rjob.watch_lock:
             rjob.watchers += delta
             rjob.unwatched_at = time.monotonic() if rjob.watchers == 0 else None
 
-    def packed(self, job_id: str, what: str) -> bytes:
+    def packed(self, rjob: RemoteJob, what: str) -> bytes:
         """A finished job's masks (one uint8 slot per segment) or probabilities (float32, in
         ``probability_targets`` order), packed once."""
-        rjob = self.get(job_id)
         job = rjob.job
         if job is None or not job.finished or job.result is None:
             raise InputError("The job has no result (yet).", hint="Wait for its result event.")
@@ -210,22 +233,32 @@ class Relay:
 
     def echo(self, key: str, threshold: float) -> bytes:
         """Transport check: ``array > threshold`` computed by the worker through shared memory, packed: the
-        whole remote path with a trivial computation (``bench/remote.py``, a user's doctor run)."""
+        whole remote path with a trivial computation (``bench/remote.py``, a user's doctor run). Refused
+        while jobs are open: the worker would answer only after them, and nothing may wait that long here."""
         array = self._array(key)
         with self.lock:
+            self._refuse_if_busy("a transfer check")
             labels = self.client.echo(array, threshold)
         return arrays.pack(labels)
 
+    def _busy(self) -> bool:
+        return any(not j.finished for j in self.client._jobs.values()) or (self.client.alive and not self.client.ready)
+
+    def _refuse_if_busy(self, what: str) -> None:
+        if self._busy():
+            raise BusyError(f"The server's worker is busy with jobs; {what} waits for none.",
+                            hint="Try again when the queue is empty (GET /v1/status).")
+
     def forget(self, job_id: str) -> None:
-        rjob = self.jobs.pop(job_id, None)
-        if rjob is not None and rjob.job is not None and not rjob.job.finished:
-            with self.lock:
+        with self.lock:
+            rjob = self.jobs.pop(job_id, None)
+            if rjob is not None and rjob.job is not None and not rjob.job.finished:
                 self.client.cancel(rjob.job)
 
     def status(self) -> dict:
         with self.lock:
             waiting = [r for r in self.jobs.values() if r.job is not None and not r.job.finished]
-            if self.client.alive and not waiting:  # a busy worker answers only after its job: say what it said last
+            if self.client.alive and not self._busy():  # a busy worker answers only after its jobs: what it said last
                 self._worker_status = self.client.request("status", timeout=10)
             worker = self._worker_status if self.client.alive else {}
         return {"queued": sum(1 for r in waiting if r.job.state == "queued"),
@@ -237,7 +270,9 @@ class Relay:
     def unload(self) -> None:
         with self.lock:
             if self.client.alive:
+                self._refuse_if_busy("unloading")
                 self.client.request("unload", timeout=60)
+                self.client.sessions = {}  # the worker closed every session with its models
 
     def close_session(self, session: str) -> bool:
         with self.lock:
@@ -265,4 +300,24 @@ def refuse_paths(request: dict) -> None:
     if paths:
         raise InputError(f"A server does not open files a client names: option {', '.join(map(repr, paths))} "
                          "is a path.", hint="Put the file on the server machine, or run locally.")
+
+
+class BusyError(BiomedSegError):
+    """The server cannot take this now (its queue is full, its worker busy); the request may be sent again."""
+
+    kind = "busy"
+
+
+def check_shared_memory(volume, n_prompts: int, shape, probabilities: bool) -> None:
+    """Refuse a job whose blocks would not fit in /dev/shm: writing past a full tmpfs kills the process
+    (SIGBUS) instead of raising an error."""
+    voxels = int(np.prod(shape))
+    need = (volume.array.nbytes if volume is not None else 0) + voxels * (n_prompts + 4) * (5 if probabilities else 1)
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return  # no /dev/shm (not Linux): the OS pages shared memory like any other
+    if need > free:
+        raise BusyError(f"The server has {free / 2**20:.0f} MiB of shared memory free; this job needs about "
+                        f"{need / 2**20:.0f} MiB.", hint="Try again when other jobs are done, or send a smaller region.")
 

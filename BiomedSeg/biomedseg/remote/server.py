@@ -6,19 +6,11 @@ first line printed names the real address.
 """
 from __future__ import annotations
 
-import ipaddress
 import socket
 import sys
 
 from ..errors import DependencyMissingError, InputError
 from . import tokens
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -60,7 +52,7 @@ def serve(host: str = "127.0.0.1", port: int = 8765, *, token_file=None, certfil
         print(f"token (shown this once; kept in {path}, readable only by you): {token}", file=out, flush=True)
     else:
         print(f"token: the one kept in {path}", file=out, flush=True)
-    if not certfile and not _is_loopback(host):
+    if not certfile and not tokens.is_loopback_url(f"http://{shown}"):
         print("warning: no TLS on a non-loopback address: the token and images travel in clear. "
               "Give --cert and --key, or tunnel (ssh -L).", file=out, flush=True)
     relay = Relay(worker_python, store_bytes=int(store_mb * 2**20), max_array_bytes=int(max_array_mb * 2**20))

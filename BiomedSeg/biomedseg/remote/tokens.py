@@ -43,12 +43,15 @@ def load_or_create(path: Path | None = None) -> tuple[str, bool]:
     return token, True
 
 
-def client_token(given: str | None = None) -> str | None:
-    """What a client sends: ``given``, else $BIOMEDSEG_TOKEN, else this machine's server token file."""
+def client_token(given: str | None = None, url: str = "") -> str | None:
+    """What a client sends: ``given``, else $BIOMEDSEG_TOKEN, else -- for a server on this machine only --
+    this machine's server token file (never sent to another host)."""
     if given:
         return given.strip()
     if os.environ.get(TOKEN_ENV):
         return os.environ[TOKEN_ENV].strip()
+    if not is_loopback_url(url):
+        return None
     path = default_token_file()
     try:
         return path.read_text().strip() or None
@@ -61,3 +64,18 @@ def matches(expected: str, header_value: str | None) -> bool:
     if not header_value or not header_value.startswith("Bearer "):
         return False
     return hmac.compare_digest(header_value[len("Bearer "):].strip().encode(), expected.encode())
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+

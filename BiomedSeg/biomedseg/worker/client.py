@@ -341,6 +341,9 @@ class WorkerClient:
             target = self._jobs.get(msg.get("target"))
             if target is not None:
                 target.cancel_acknowledged = True
+                if msg.get("queued") and not target.finished:  # it never started and never will: end it now
+                    self._finish(target, error=CancelledError("Segmentation was cancelled before it started; "
+                                                              "nothing was written."))
             return
         if job is None:
             if event == "error":

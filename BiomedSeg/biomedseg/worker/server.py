@@ -52,6 +52,8 @@ class WorkerServer:
         self.cancel_flags: dict = {}
         self.flags_lock = threading.Lock()
         self.attached = protocol.AttachedBlocks(owner_pid=client_pid)
+        #: the request the main thread is running (None between requests)
+        self.current_id = None
         self.exit_on_eof = exit_on_eof
         self.alive = True
 
@@ -138,7 +140,11 @@ class WorkerServer:
                 flag = self.cancel_flags.get(message["target"])
             if flag is not None:
                 flag.set()
-            self.send({"id": job_id, "event": "cancel_ack", "target": message["target"], "found": flag is not None})
+            # read after the flag is set: a job not current now will see the flag before it touches anything,
+            # so the client may end it at once instead of waiting for its turn
+            queued = flag is not None and self.current_id != message["target"]
+            self.send({"id": job_id, "event": "cancel_ack", "target": message["target"], "found": flag is not None,
+                       "queued": queued})
         else:
             if op == "close_session":
                 from ..engine import SESSIONS
@@ -162,6 +168,7 @@ class WorkerServer:
             if op == "shutdown":
                 self.alive = False
                 return
+            self.current_id = message.get("id")  # before ``run`` looks at the cancel flag (see ``dispatch``)
             try:
                 self.run(message)
             except Exception as exc:  # noqa: BLE001 -- one request's failure never ends the worker
@@ -170,6 +177,7 @@ class WorkerServer:
                     f"Internal error in the worker: {type(exc).__name__}: {messages.clip(exc, 300)}",
                     hint="See the worker log; please report it."))
             finally:
+                self.current_id = None
                 with self.flags_lock:
                     self.cancel_flags.pop(message.get("id"), None)
 
