@@ -1,6 +1,6 @@
 """Cancel within a second, at any moment of any stage, without losing the queued job.
 
-Fifty cancels at random moments (seeded) across three models through one client: the test
+Thirty cancels at random moments (seeded) across three models through one client: the test
 backend (short steps), deepbet (its two TorchScript networks cannot be interrupted: the grace
 kill stops them, and the job queued behind is sent to a fresh worker) and Hermes-R with
 deterministic weights (its forward passes stop inside, through the engine's hooks, so the
@@ -59,9 +59,9 @@ def test_cancel_p95_under_a_second_and_no_queued_job_lost(colin_path, hermes_che
                 t0 = time.monotonic()
                 client.wait(submit(), timeout=300)
                 durations[name] = time.monotonic() - t0
-            # 38 cancels: 22 in the controllable model's steps, 8 inside deepbet's TorchScript, 8 inside Hermes'
-            # windows (bench/reliability.py measures 100)
-            cases, wanted = [], {"test-model": 22, "deepbet": 8, "hermes": 8}
+            # 30 cancels: 18 in the controllable model's steps, 4 inside deepbet's TorchScript (each one costs a
+            # worker restart), 8 inside Hermes' windows (bench/reliability.py measures 100)
+            cases, wanted = [], {"test-model": 18, "deepbet": 4, "hermes": 8}
             for name, n in wanted.items():
                 landed = 0
                 for _ in range(3 * n):
@@ -77,7 +77,7 @@ def test_cancel_p95_under_a_second_and_no_queued_job_lost(colin_path, hermes_che
     p95 = percentile(idle, 95)
     print(f"cancels: {len(idle)}, p50 {percentile(idle, 50):.3f} s, p95 {p95:.3f} s, max {max(idle):.3f} s; "
           f"whole runs {durations}")
-    assert len(idle) >= 38
+    assert len(idle) >= 30
     assert p95 < 1.0, sorted(idle)[-5:]
     assert all(c.queued_done for c in cases), [c for c in cases if not c.queued_done]
     stages = {c.stage for c in cases if c.idle_s is not None and c.model == "deepbet"}

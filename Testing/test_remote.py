@@ -217,7 +217,7 @@ def test_twenty_concurrent_clients_queue_and_all_finish(server, local):
             assert np.array_equal(results[i].segments[0].mask, want.segments[0].mask)
 
 
-def test_a_killed_server_is_a_clear_error_and_the_next_run_works(tmp_path):
+def test_a_killed_server_is_a_clear_error_the_next_run_works_and_a_stop_leaves_nothing(tmp_path):
     server = ServerProcess(tmp_path).start()
     with worker_test_models():
         client = RemoteWorkerClient(server.url, server.token)
@@ -239,21 +239,19 @@ def test_a_killed_server_is_a_clear_error_and_the_next_run_works(tmp_path):
         try:
             assert client.run(small_volume(7), "test-model", ["ball"], timeout=60).segments
             assert protocol.list_blocks(server_pid) == []  # the dead server's blocks were swept
+            worker_pid = client.request("status")["worker_pid"]
+        except BaseException:
+            server.stop()
+            raise
         finally:
             client.close()
-            server.stop()
-
-
-def test_a_stopped_server_leaves_no_process_or_shared_memory(tmp_path):
-    server = ServerProcess(tmp_path).start()
-    with worker_test_models():
-        client = RemoteWorkerClient(server.url, server.token)
-        client.run(small_volume(8), "test-model", ["ball"], timeout=60)
-        worker_pid = client.request("status")["worker_pid"]
-        client.close()
+    # a server stopped the ordinary way (SIGTERM) leaves no worker process and no shared-memory block
     server_pid = server.proc.pid
-    assert protocol.list_blocks(server_pid)  # pooled blocks while it serves
-    assert server.stop() in (0, -signal.SIGTERM)  # uvicorn shuts down, then lets the signal end the process
+    try:
+        assert protocol.list_blocks(server_pid)  # pooled blocks while it serves
+    finally:
+        stopped = server.stop()
+    assert stopped in (0, -signal.SIGTERM)  # uvicorn shuts down, then lets the signal end the process
     assert protocol.list_blocks(server_pid) == []
     assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
 
