@@ -153,9 +153,13 @@ def test_a_damaged_array_is_an_error_not_a_wrong_mask():
     body = bytearray(arrays.pack(array))
     back, header = arrays.unpack(bytes(body), 1 << 20)
     assert np.array_equal(back, array) and header["shape"] == [10, 500]
-    body[-20] ^= 0xFF
-    with pytest.raises(arrays.ArrayFormatError):
-        arrays.unpack(bytes(body), 1 << 20)
+    for where in (-100, -20):  # inside the last chunk, inside the checksum
+        damaged = bytearray(body)
+        damaged[where] ^= 0xFF
+        with pytest.raises(arrays.ArrayFormatError):
+            arrays.unpack(bytes(damaged), 1 << 20)
+    with pytest.raises(arrays.ArrayFormatError, match="ended early"):
+        arrays.unpack(bytes(body[:-1]), 1 << 20)
     with pytest.raises(arrays.ArrayFormatError, match="allowed"):
         arrays.unpack(arrays.pack(array), 1000)
     for dtype in ("uint8", "float32", "bool", "uint16", "float64"):

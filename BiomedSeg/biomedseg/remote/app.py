@@ -204,8 +204,8 @@ def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> 
 
     @app.post("/v1/echo/{key}", dependencies=ready)
     async def echo(key: str, threshold: float = 0.0):
-        body = await run_in_threadpool(relay.echo, _content_id(key), float(threshold))
-        return Response(body, media_type="application/octet-stream")
+        labels = await run_in_threadpool(relay.echo, _content_id(key), float(threshold))
+        return array_response(labels)
 
     @app.post("/v1/jobs", dependencies=ready)
     async def submit(request: Request):
@@ -249,8 +249,8 @@ def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> 
     async def result_array(job_id: str, what: str):
         if what not in ("masks", "probabilities"):
             raise NotFoundError(f"No '{what[:40]}' here.")
-        body = await run_in_threadpool(relay.packed, _job(relay, job_id), what)
-        return Response(body, media_type="application/octet-stream")
+        array = await run_in_threadpool(relay.result_array, _job(relay, job_id), what)
+        return array_response(array)
 
     @app.delete("/v1/jobs/{job_id}", dependencies=ready)
     def forget(job_id: str):
@@ -264,6 +264,11 @@ def create_app(relay: Relay, token: str, *, max_upload_bytes: int = 2 << 30) -> 
         return {"found": relay.close_session(session)}
 
     return app
+
+
+def array_response(array) -> StreamingResponse:
+    """``array`` as a streamed body: chunks go out as they are compressed (``arrays.pack_stream``)."""
+    return StreamingResponse(arrays.pack_stream(array), media_type="application/octet-stream")
 
 
 def _job(relay: Relay, job_id: str):

@@ -1,15 +1,16 @@
-"""Arrays on the wire: a JSON header, then blosc2 chunks, checked as they arrive; never pickle.
+"""Arrays on the wire: a JSON header, blosc2 chunks, a checksum trailer, checked as they arrive; never pickle.
 
 One body = ``MAGIC``, the header's length (4 bytes, little-endian), the header (JSON: shape,
-dtype, raw byte count, chunk size, content id), then one record per chunk of ``chunk_bytes``
-raw bytes (the last may be shorter): its compressed length (4 bytes) and the blosc2 chunk.
-Chunks let both ends work while the bytes travel: the sender compresses chunk i+1 while chunk
-i is on the wire (``pack_stream``), the receiver decompresses each chunk as soon as it is whole
-(``Unpacker.feed``). The receiver refuses a body before decompressing anything when the header
-claims more bytes than it allows or disagrees with itself, and each chunk before decompressing
-it when its own sizes are not the ones the header implies, so a small body cannot expand into
-gigabytes. After the last chunk the content id (sha256 over dtype, shape and bytes) must match:
-a flipped bit or a short transfer is an error, not a wrong mask.
+dtype, raw byte count, chunk size), then one record per chunk of ``chunk_bytes`` raw bytes (the
+last may be shorter): its compressed length (4 bytes) and the blosc2 chunk; last, the content id
+(64 hex characters: sha256 over dtype, shape and bytes). Chunks let both ends work while the
+bytes travel: the sender compresses chunk i+1 while chunk i is on the wire and hashes as it goes
+(``pack_stream``: the id comes last, so nothing waits for a hash of the whole array first), the
+receiver decompresses and hashes each chunk as soon as it is whole (``Unpacker.feed``). The
+receiver refuses a body before decompressing anything when the header claims more bytes than it
+allows or disagrees with itself, and each chunk before decompressing it when its own sizes are not
+the ones the header implies, so a small body cannot expand past the cap. The trailer must match
+what arrived: a flipped bit or a short transfer is an error, not a wrong mask.
 
 The content id is also the cache key of the server's array store: an array the server holds is
 not sent again.
@@ -27,14 +28,16 @@ import numpy as np
 
 from ..worker.protocol import ALLOWED_DTYPES
 
-MAGIC = b"BMSARR2\n"
-#: A header never needs more (a shape, a dtype, three numbers and a hash).
+MAGIC = b"BMSARR3\n"
+#: A header never needs more (a shape, a dtype and three numbers).
 MAX_HEADER_BYTES = 4096
 #: Raw bytes per chunk: big enough for blosc2 to work well, small enough to overlap work and transfer.
 CHUNK_BYTES = 4 << 20
 #: codec -> (blosc2 codec name, level): zstd level 1 with byte shuffle (CT-like int16 shrinks 2.5x at
 #: hundreds of MB/s per core); lz4 is faster and gains less.
 CODECS = {"zstd": ("ZSTD", 1), "lz4": ("LZ4", 1)}
+#: the trailer: the content id in hex
+ID_BYTES = 64
 #: blosc2 adds at most this to a chunk that does not compress
 CHUNK_OVERHEAD = 64 + 32
 
@@ -69,8 +72,9 @@ def _threads() -> int:
 
 
 def pack_stream(array: np.ndarray, *, codec: str = "zstd", known_id: str | None = None):
-    """The wire body of ``array`` in pieces: the header, then each compressed chunk as soon as it is ready
-    (chunks are compressed in parallel, a few ahead of the one being sent)."""
+    """The wire body of ``array`` in pieces: the header, each compressed chunk as soon as it is ready (chunks
+    are compressed in parallel, a few ahead of the one being sent), then the content id (``known_id``, or
+    hashed chunk by chunk on the way)."""
     import blosc2
 
     array = np.ascontiguousarray(array)
@@ -78,23 +82,26 @@ def pack_stream(array: np.ndarray, *, codec: str = "zstd", known_id: str | None 
         raise ArrayFormatError(f"dtype {array.dtype.name} cannot be sent")
     name, clevel = CODECS[codec]
     header = json.dumps({"shape": list(array.shape), "dtype": array.dtype.name, "nbytes": int(array.nbytes),
-                         "chunk_bytes": CHUNK_BYTES, "id": known_id or content_id(array),
-                         "codec": "blosc2"}).encode()
+                         "chunk_bytes": CHUNK_BYTES, "codec": "blosc2"}).encode()
     yield MAGIC + struct.pack("<I", len(header)) + header
     raw = _bytes(array)
+    digest = None if known_id else _digest(array.dtype.name, array.shape)
     cparams = blosc2.CParams(codec=getattr(blosc2.Codec, name), clevel=clevel, typesize=array.dtype.itemsize,
                              nthreads=1, filters=[blosc2.Filter.SHUFFLE])
     starts = range(0, len(raw), CHUNK_BYTES)
     with concurrent.futures.ThreadPoolExecutor(_threads()) as pool:  # blosc2 lets go of the GIL
         ahead = 2 * _threads()
         futures = [pool.submit(blosc2.compress2, raw[s:s + CHUNK_BYTES], cparams=cparams) for s in starts[:ahead]]
-        for i in range(len(starts)):
+        for i, start in enumerate(starts):
             if i + ahead < len(starts):
                 s = starts[i + ahead]
                 futures.append(pool.submit(blosc2.compress2, raw[s:s + CHUNK_BYTES], cparams=cparams))
+            if digest is not None:
+                digest.update(raw[start:start + CHUNK_BYTES])  # while the pool compresses what follows
             chunk = futures[i].result()
             futures[i] = None
             yield struct.pack("<I", len(chunk)) + chunk
+    yield (known_id or digest.hexdigest()).encode()
 
 
 def pack(array: np.ndarray, *, codec: str = "zstd", known_id: str | None = None) -> bytes:
@@ -145,8 +152,8 @@ class Unpacker:
             self.offset += expect
             start += 4 + length
         del self.buffer[:start]
-        if self.offset == len(self.raw) and self.buffer:
-            raise ArrayFormatError("the body goes on after its last chunk")
+        if self.offset == len(self.raw) and len(self.buffer) > ID_BYTES:
+            raise ArrayFormatError("the body goes on after its checksum")
 
     def _read_header(self) -> bool:
         if len(self.buffer) < len(MAGIC) + 4:
@@ -167,10 +174,12 @@ class Unpacker:
         return True
 
     def finish(self) -> tuple[np.ndarray, dict]:
-        if self.header is None or self.offset != len(self.raw) or self.buffer:
+        """The array and its header (with ``id``, the content id), once the whole body came and adds up."""
+        if self.header is None or self.offset != len(self.raw) or len(self.buffer) != ID_BYTES:
             got = 0 if self.raw is None else self.offset
             raise ArrayFormatError(f"the body ended early ({got} of {self.header['nbytes'] if self.header else '?'}"
-                                   " bytes)")
+                                   " bytes, or no checksum)")
+        self.header["id"] = bytes(self.buffer).decode("ascii", "replace")
         if self.digest.hexdigest() != self.header["id"]:
             raise ArrayFormatError("the array's checksum does not match: it was damaged on the way")
         if self.array.dtype == bool and self.array.size and self.array.view(np.uint8).max() > 1:
@@ -202,8 +211,6 @@ def check_header(text: bytes, max_bytes: int) -> dict:
                                f"{max_bytes / 2**20:.0f} MiB allowed")
     if not isinstance(chunk, int) or isinstance(chunk, bool) or not 1024 <= chunk <= 256 << 20:
         raise ArrayFormatError("the array header names no usable chunk size")
-    if not isinstance(header.get("id"), str) or len(header["id"]) != 64:
-        raise ArrayFormatError("the array header has no content id")
     return header
 
 

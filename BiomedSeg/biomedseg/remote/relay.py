@@ -26,7 +26,6 @@ from ..results import jsonable
 from ..volume import Volume
 from ..worker.client import WorkerClient
 from ..worker.jobs import result_fields
-from . import arrays
 
 #: Finished jobs whose results are kept for their clients to fetch (the newest, and for so long).
 KEEP_FINISHED = 64
@@ -76,7 +75,7 @@ class RemoteJob:
         self.finished_at: float | None = None
         self.watchers = 0
         self.unwatched_at: float | None = None
-        self.packed: dict[str, bytes] = {}
+        self.packed: dict[str, np.ndarray] = {}  # the result's stacked arrays, made on first download
         self.pack_lock = threading.Lock()
         self.watch_lock = threading.Lock()
 
@@ -211,9 +210,9 @@ class Relay:
             rjob.watchers += delta
             rjob.unwatched_at = time.monotonic() if rjob.watchers == 0 else None
 
-    def packed(self, rjob: RemoteJob, what: str) -> bytes:
+    def result_array(self, rjob: RemoteJob, what: str) -> np.ndarray:
         """A finished job's masks (one uint8 slot per segment) or probabilities (float32, in
-        ``probability_targets`` order), packed once."""
+        ``probability_targets`` order), stacked once."""
         job = rjob.job
         if job is None or not job.finished or job.result is None:
             raise InputError("The job has no result (yet).", hint="Wait for its result event.")
@@ -228,18 +227,17 @@ class Relay:
                     names = sorted(result.probabilities, key=job.targets.index)
                     array = np.stack([result.probabilities[n] for n in names]).astype(np.float32, copy=False) \
                         if names else np.zeros((0, *rjob.shape), np.float32)
-                rjob.packed[what] = arrays.pack(array)
+                rjob.packed[what] = array
             return rjob.packed[what]
 
-    def echo(self, key: str, threshold: float) -> bytes:
+    def echo(self, key: str, threshold: float) -> np.ndarray:
         """Transport check: ``array > threshold`` computed by the worker through shared memory, packed: the
         whole remote path with a trivial computation (``bench/remote.py``, a user's doctor run). Refused
         while jobs are open: the worker would answer only after them, and nothing may wait that long here."""
         array = self._array(key)
         with self.lock:
             self._refuse_if_busy("a transfer check")
-            labels = self.client.echo(array, threshold)
-        return arrays.pack(labels)
+            return self.client.echo(array, threshold)
 
     def _busy(self) -> bool:
         return any(not j.finished for j in self.client._jobs.values()) or (self.client.alive and not self.client.ready)

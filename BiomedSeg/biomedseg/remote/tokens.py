@@ -36,7 +36,7 @@ def load_or_create(path: Path | None = None) -> tuple[str, bool]:
             raise InputError(f"The token file {path} holds no usable token.", hint="Delete it to make a new one.")
         return token, False
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    token = secrets.token_urlsafe(32)
+    token = "bmseg_" + secrets.token_urlsafe(32)  # never starts with '-' (a command line would read an option)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
