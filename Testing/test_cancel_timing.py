@@ -9,6 +9,7 @@ time a person waits; its 95th percentile must be under 1 s.
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 
@@ -34,6 +35,9 @@ def hermes_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("BIOMEDSEG_TIMING_TESTS") != "1",
+                    reason="a timing measurement, about 70 s on 2 CPU cores (bench/reliability.py measures 100 "
+                           "cancels): set BIOMEDSEG_TIMING_TESTS=1; CI checks cancel and the queue in test_worker.py")
 def test_cancel_p95_under_a_second_and_no_queued_job_lost(colin_path, hermes_checkpoint):
     from biomedseg.io import read_volume
     from biomedseg.worker.client import WorkerClient

@@ -46,34 +46,27 @@ def run_panel(state: panel.PanelState, volume):
             controller.close()
 
 
-def test_the_panel_runs_on_the_server_and_gets_what_a_local_worker_gives(server):
+def test_the_panel_on_a_server_equals_a_local_run_and_an_unreachable_one_is_an_error_unless_chosen(server):
     volume = small_volume(seed=4)
     state = dict(model="test-model", prompts=["target", "bright"], options=dict(SPHERE), show_3d=False)
     remote, remote_masks, kind, notice = run_panel(
         panel.PanelState(server_url=server.url, server_token=server.token, **state), volume)
     assert kind is RemoteWorkerClient and notice == ""
-    local, local_masks, local_kind, _ = run_panel(panel.PanelState(**state), volume)
-    assert local_kind is WorkerClient
+    unreachable = dict(state, server_url="http://127.0.0.1:9", server_token="t" * 43)
+    with mrml_scene() as scene:
+        node = sb.node_from_volume(scene, volume, "small")
+        controller = panel.PanelController(scene)
+        with pytest.raises(ServerUnavailableError, match="cannot be reached"):
+            controller.start(panel.PanelState(**unreachable), node)
+        assert not controller.running
+        controller.close()
+    with worker_test_models():  # the person chose "Run locally if the server is unreachable": a local worker
+        local, local_masks, local_kind, local_notice = run_panel(panel.PanelState(fallback_local=True,
+                                                                                  **unreachable), volume)
+    assert local_kind is WorkerClient and "Running on this computer instead" in local_notice
+    assert "cannot be reached" in local.summary  # the panel's result line says where it ran
     assert remote.state == local.state == "done", (remote.summary, local.summary)
     assert sorted(remote_masks) == sorted(local_masks) == ["bright", "target"]
     for name in local_masks:
         assert local_masks[name].any()
         assert np.array_equal(remote_masks[name], local_masks[name]), name
-
-
-def test_an_unreachable_server_is_an_error_unless_local_was_chosen():
-    volume = small_volume(seed=5)
-    state = dict(model="test-model", prompts=["target"], options=dict(SPHERE), show_3d=False,
-                 server_url="http://127.0.0.1:9", server_token="t" * 43)
-    with mrml_scene() as scene:
-        node = sb.node_from_volume(scene, volume, "small")
-        controller = panel.PanelController(scene)
-        with pytest.raises(ServerUnavailableError, match="cannot be reached"):
-            controller.start(panel.PanelState(**state), node)
-        assert not controller.running
-        controller.close()
-    with worker_test_models():
-        outcome, masks, kind, notice = run_panel(panel.PanelState(fallback_local=True, **state), volume)
-    assert kind is WorkerClient and "Running on this computer instead" in notice
-    assert outcome.state == "done" and masks["target"].any()
-    assert "cannot be reached" in outcome.summary  # the panel's result line says where it ran
