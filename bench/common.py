@@ -20,3 +20,16 @@ def load_detweights():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def best_of(repeat: int, fn) -> float:
+    """The fastest of ``repeat`` calls of ``fn``, in seconds."""
+    import time
+
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+

@@ -29,19 +29,12 @@ from pathlib import Path
 import numpy as np
 
 import common  # noqa: F401  (puts the engine on sys.path)
+from common import best_of
 
 from biomedseg.remote import arrays  # noqa: E402
 from biomedseg.remote.client import RemoteWorkerClient  # noqa: E402
 from biomedseg.worker.client import WorkerClient  # noqa: E402
 
-
-def best_of(repeat, fn):
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def ct_volume(shape) -> np.ndarray:

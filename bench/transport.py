@@ -21,17 +21,10 @@ from pathlib import Path
 import numpy as np
 
 import common  # noqa: E402,F401  (puts the engine on sys.path)
+from common import best_of  # noqa: E402
 
 from biomedseg.worker.client import WorkerClient  # noqa: E402
 
-
-def best_of(repeat, fn):
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main():

@@ -18,7 +18,7 @@ from .doctor import cmd_doctor, doctor_report, worker_report
 from .environments import add_env_parser
 from .prompt_args import prompts_file, prompts_of
 from .serve import add_serve_parser, add_server_arguments
-from .segment import cmd_classify, cmd_refine, cmd_segment, model_options, region_of
+from .segment import add_model_run_arguments, cmd_classify, cmd_refine, cmd_segment, model_options, region_of
 
 EXIT_CODES = {"bad_input": 2, "wrong_modality": 2, "weights_missing": 3, "dependency_missing": 3, "out_of_memory": 4, "cancelled": 5,
               "access_denied": 2, "server_unavailable": 6}
@@ -108,13 +108,7 @@ def _run_arguments(p) -> None:
     p.add_argument("--probabilities", metavar="OUT.nrrd",
                    help="also write each target's probability map on the input grid (with the threshold used)")
     p.add_argument("--series-uid", help="DICOM series to read when a folder holds several")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
-    p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep only the largest 3D component (model default when not given)")
-    p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,
-                   help="fill holes inside each segment (model default when not given)")
-    p.add_argument("--weights", help="local weights file or folder instead of the catalogue's source")
+    add_model_run_arguments(p)
     p.add_argument("--modality", help="image modality for the model (e.g. CT, MRI, MRI-T1); guessed from DICOM "
                                       "tags and intensities when not given")
     p.add_argument("--site", help="anatomic site (e.g. abdomen, head), for models with site-specific preprocessing")

@@ -5,12 +5,12 @@ the cases and one within the current case on a terminal, whole lines anywhere el
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from ..errors import InputError
 from .progress import ProgressBar, _is_terminal
+from .segment import add_model_run_arguments
 from .serve import add_server_arguments
 
 
@@ -28,13 +28,7 @@ def add_batch_parser(sub) -> None:
                    help="each case's output: Slicer segmentation (default) or a labelmap with its label tables")
     p.add_argument("--preview", action="store_true", help="also write CASE.png (outlines on three slices)")
     p.add_argument("--report", action="store_true", help="also write CASE.run.json (the run report of `segment`)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
-    p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep only the largest 3D component (model default when not given)")
-    p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,
-                   help="fill holes inside each segment (model default when not given)")
-    p.add_argument("--weights", help="local weights file or folder instead of the catalogue's source")
+    add_model_run_arguments(p)
     p.add_argument("--modality", help="image modality of every case (a manifest's column overrides it)")
     p.add_argument("--site", help="anatomic site of every case (a manifest's column overrides it)")
     p.add_argument("--plane", choices=["axial", "coronal", "sagittal"], help="slice plane of 2D models (default axial)")

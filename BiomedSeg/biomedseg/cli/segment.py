@@ -11,6 +11,19 @@ from .progress import ProgressBar
 from .prompt_args import prompts_of
 
 
+def add_model_run_arguments(p) -> None:
+    """Device, threshold, clean-up and weights: how a model runs, the same for `segment`, `refine` and `batch`."""
+    import argparse
+
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    p.add_argument("--largest", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only the largest 3D component (model default when not given)")
+    p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None,
+                   help="fill holes inside each segment (model default when not given)")
+    p.add_argument("--weights", help="local weights file or folder instead of the catalogue's source")
+
+
 def model_options(args) -> dict:
     """Options passed through to the model backend (each model's model.json declares the ones it takes)."""
     options = {}

@@ -33,7 +33,7 @@ from ..geometry import Region
 from ..prompts import MaskPrompt, prompt_to_dict, targets_of
 from ..results import SegmentationResult
 from ..volume import Volume
-from ..worker.jobs import Job, result_from_message
+from ..worker.jobs import Job, result_from_message, wait_for
 from . import arrays, schema, tokens
 
 #: Seconds without a byte from an event stream (the server sends one every second) before the
@@ -378,14 +378,7 @@ class RemoteWorkerClient:
 
     # ---- blocking conveniences ----------------------------------------------------------------
     def wait(self, job: Job, timeout: float | None = None) -> SegmentationResult:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not job.finished:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job.id} did not finish within {timeout} s")
-            self.poll(timeout=0.1)
-        if job.error is not None:
-            raise job.error
-        return job.result
+        return wait_for(self.poll, job, timeout)
 
     def run(self, volume: Volume, model: str, prompts, timeout: float | None = None, **kwargs) -> SegmentationResult:
         """Submit and wait (CLI). Ctrl-C cancels the job on the server before re-raising."""

@@ -41,7 +41,7 @@ from ..prompts import MaskPrompt, prompt_to_dict, targets_of
 from ..results import SegmentationResult
 from ..volume import Volume
 from . import protocol
-from .jobs import Job, collect_result
+from .jobs import Job, collect_result, wait_for
 
 ENGINE_ROOT = Path(__file__).resolve().parents[2]  # folder that holds the biomedseg package
 #: A worker whose heartbeat (every second) is missing this long is stopped or frozen: killed.
@@ -486,14 +486,7 @@ class WorkerClient:
 
     # ---- blocking conveniences -------------------------------------------------------------
     def wait(self, job: Job, timeout: float | None = None) -> SegmentationResult:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not job.finished:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job.id} did not finish within {timeout} s")
-            self.poll(timeout=0.1)
-        if job.error is not None:
-            raise job.error
-        return job.result
+        return wait_for(self.poll, job, timeout)
 
     def run(self, volume: Volume, model: str, prompts: list[str], timeout: float | None = None,
             **kwargs) -> SegmentationResult:

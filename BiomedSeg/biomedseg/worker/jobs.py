@@ -46,6 +46,18 @@ class Job:
         return self.state in ("done", "failed", "cancelled")
 
 
+def wait_for(poll, job: Job, timeout: float | None = None) -> SegmentationResult:
+    """Call ``poll(timeout=...)`` until ``job`` ends; its result, or its error raised (both clients' ``wait``)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not job.finished:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job.id} did not finish within {timeout} s")
+        poll(timeout=0.1)
+    if job.error is not None:
+        raise job.error
+    return job.result
+
+
 def result_fields(result: SegmentationResult, index_of) -> dict:
     """The JSON part of a result (no voxels; ``index_of(name)`` is a segment's mask slot): what crosses the
     worker pipe and the network alike."""
